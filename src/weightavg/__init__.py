@@ -1,0 +1,47 @@
+"""weightavg: correct, fast weight averaging for PyTorch (SWA, EMA, SWAG and friends).
+
+The public API is what this module lists in ``__all__``; everything else is private.
+"""
+
+from ._bn import has_running_stats, recompute_bn
+from ._duration import Duration
+from ._engine import Averager, canonical_name, named_tensors, unwrap_model
+from ._errors import ConfigError, MismatchError, NonFiniteError, StateError, WeightAvgError
+from ._rules import (
+    Rule,
+    UpdateInfo,
+    custom,
+    ema,
+    ema_warmup,
+    inplace,
+    karras_ema,
+    mean,
+    sigma_rel_to_gamma,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Averager",
+    "ConfigError",
+    "Duration",
+    "MismatchError",
+    "NonFiniteError",
+    "Rule",
+    "StateError",
+    "UpdateInfo",
+    "WeightAvgError",
+    "__version__",
+    "canonical_name",
+    "custom",
+    "ema",
+    "ema_warmup",
+    "has_running_stats",
+    "inplace",
+    "karras_ema",
+    "mean",
+    "named_tensors",
+    "recompute_bn",
+    "sigma_rel_to_gamma",
+    "unwrap_model",
+]
