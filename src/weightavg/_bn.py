@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -15,12 +16,13 @@ from ._errors import bad_arg
 __all__ = ["has_running_stats", "recompute_bn"]
 
 
-def _stat_layers(model: nn.Module) -> list[nn.Module]:
-    out = []
+def _stat_layers(model: nn.Module) -> list[Any]:
+    """Normalisation layers with running statistics (typed Any: their buffers may be None)."""
+    out: list[Any] = []
     for m in model.modules():
-        if isinstance(m, (_BatchNorm, _InstanceNorm)) and m.track_running_stats:
-            if getattr(m, "running_mean", None) is not None or getattr(m, "running_var", None) is not None:
-                out.append(m)
+        has_stats = getattr(m, "running_mean", None) is not None or getattr(m, "running_var", None) is not None
+        if isinstance(m, (_BatchNorm, _InstanceNorm)) and m.track_running_stats and has_stats:
+            out.append(m)
     return out
 
 
@@ -145,9 +147,7 @@ def recompute_bn(
         for m in layers:
             m.train()
             hooks.append(m.register_forward_hook(hook))
-        for i, batch in enumerate(data):
-            if num_batches is not None and i >= num_batches:
-                break
+        for batch in itertools.islice(data, num_batches):
             batch = _to(batch, dev)
             fwd(model, batch)
             n_samples += _batch_size(batch)

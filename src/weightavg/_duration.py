@@ -87,7 +87,9 @@ class Duration:
             raise bad_arg(name, text, str(err).split("expected ", 1)[-1].rstrip(".")) from err
 
     def __str__(self) -> str:
-        return f"{self.value:g}{self.unit}"
+        v = self.value
+        text = str(int(v)) if float(v).is_integer() else repr(float(v))
+        return f"{text}{self.unit}"
 
     def to_steps(self, *, steps_per_epoch: int | None = None, total_steps: int | None = None,
                  samples_per_step: int | None = None, tokens_per_step: int | None = None) -> int:
@@ -105,5 +107,5 @@ class Duration:
             raise ConfigError(f"cannot convert {self} to steps: the loop does not know {arg} "
                               f"(give max_steps/total steps, steps per epoch, or use another unit)")
         if self.unit in ("ep", "dur"):
-            return int(round(self.value * known))
+            return round(self.value * known)
         return int(self.value) // known

@@ -39,7 +39,7 @@ _SCRATCH = 1 << 20  # elements of the packing scratch, per (device, dtype)
 
 BufferPolicy = Literal["average", "copy", "ignore"]
 NonFinitePolicy = Literal["raise", "skip", "allow"]
-Source = Union[nn.Module, Mapping[str, Tensor]]
+Source = Union[nn.Module, Mapping[str, Tensor]]  # noqa: UP007 (a runtime alias on Python 3.10)
 
 
 # ----------------------------------------------------------------------------- names
@@ -145,7 +145,8 @@ class _Binding:
 
     model_ref: Any
     srcs: list[list[Tensor]]  # per group: 1-D source views (the tensor itself if not contiguous)
-    fingerprint: list[int]  # data_ptr of each group's first source (detects .to()/.half())
+    probes: list[Tensor | None]  # each group's first source tensor object (Parameter or buffer)
+    fingerprint: list[int]  # its data_ptr at binding time (a change means .to()/.half()/assign)
     flat: list[bool]  # per group: every source is a 1-D view
     big_views: dict[tuple[str, int], list[Tensor]] = field(default_factory=dict)
 
@@ -324,8 +325,8 @@ class Averager:
             key = id(unwrap_model(source))
             b = self._bindings.get(key)
             if b is not None and b.model_ref() is not None:
-                for srcs, fp in zip(b.srcs, b.fingerprint, strict=True):
-                    if srcs and srcs[0].data_ptr() != fp:
+                for probe, fp in zip(b.probes, b.fingerprint, strict=True):
+                    if probe is not None and probe.data_ptr() != fp:
                         break  # storage replaced (.to(), .half(), load with assign=True)
                 else:
                     return b
@@ -340,7 +341,9 @@ class Averager:
                 + describe_mismatch(missing, unexpected, reshaped)
             )
         srcs: list[list[Tensor]] = []
+        probes: list[Tensor | None] = []
         for g in self._groups:
+            probes.append(tensors[g.entries[0].name][0] if g.entries else None)
             row = []
             for e in g.entries:
                 t = tensors[e.name][0]
@@ -351,14 +354,14 @@ class Averager:
                     )
                 row.append(t.detach().reshape(-1) if t.is_contiguous() else t.detach())
             srcs.append(row)
-        fingerprint = [row[0].data_ptr() if row else 0 for row in srcs]
+        fingerprint = [p.data_ptr() if p is not None else 0 for p in probes]
         flat = [all(t.dim() == 1 for t in row) for row in srcs]
         if isinstance(source, nn.Module):
             ref: Any = weakref.ref(unwrap_model(source))
-            b = _Binding(ref, srcs, fingerprint, flat)
+            b = _Binding(ref, srcs, probes, fingerprint, flat)
             self._bindings[id(unwrap_model(source))] = b
         else:
-            b = _Binding(lambda: None, srcs, fingerprint, flat)
+            b = _Binding(lambda: None, srcs, probes, fingerprint, flat)
         return b
 
     def _scratch_for(self, device: torch.device, dtype: torch.dtype, tag: str, n: int) -> Tensor:

@@ -53,8 +53,10 @@ class UpdateInfo:
 class Rule(Protocol):
     """Protocol of an averaging rule."""
 
-    #: averaged quantity: 1 averages the values, 2 their squares (second moments).
-    power: int
+    @property
+    def power(self) -> int:
+        """Averaged quantity: 1 averages the values, 2 their squares (second moments)."""
+        ...
 
     def weight(self, info: UpdateInfo) -> float:
         """Weight of the new value in ``avg.lerp_(new, weight)``; NaN means "in place" (see ``apply``)."""
@@ -338,7 +340,7 @@ def custom(weight_fn: Callable[[int], float], *, name: str | None = None) -> Rul
     """
     if not callable(weight_fn):
         raise bad_arg("weight_fn", weight_fn, "a callable num_averaged -> weight in [0, 1]")
-    return _Custom(weight_fn, name or getattr(weight_fn, "__name__", "custom"))
+    return _Custom(weight_fn, name or str(getattr(weight_fn, "__name__", "custom")))
 
 
 InplaceFn = Callable[[Sequence[Tensor], Sequence[Tensor], int], None]
@@ -368,4 +370,4 @@ def inplace(fn: InplaceFn, *, name: str | None = None) -> Rule:
     """
     if not callable(fn):
         raise bad_arg("fn", fn, "a callable (averaged: list[Tensor], new: list[Tensor], n: int) -> None")
-    return _Inplace(fn, name or getattr(fn, "__name__", "inplace"))
+    return _Inplace(fn, name or str(getattr(fn, "__name__", "inplace")))
