@@ -165,6 +165,8 @@ class Averager:
         buffers: policy for floating-point persistent buffers: ``"average"`` (default), ``"copy"``
             (keep the latest value) or ``"ignore"``. Integer/bool buffers (e.g. BatchNorm's
             ``num_batches_tracked``) are always copied, never averaged, unless ignored.
+            Copied tensors of a module follow the model last updated from: they are read when
+            the average is read (swap, export, state_dict), not on every update.
             Non-persistent buffers are never touched.
         dtype: dtype of the averages (default float32, whatever the model's dtype: a bf16 model
             gets a float32 average that keeps moving). ``None`` keeps each tensor's own dtype.
@@ -262,7 +264,8 @@ class Averager:
         self._views: dict[str, dict[str, Tensor]] = {}
         self._scratch: dict[tuple[torch.device, torch.dtype, str], Tensor] = {}
         self._bindings: dict[int, _Binding] = {}
-        self._last_source: Any = None
+        # copied tensors of a module source are read lazily (see _sync_copies)
+        self._pending_copy: _Binding | None = None
 
     # ------------------------------------------------------------------ selection & layout
 
@@ -418,15 +421,18 @@ class Averager:
                         "unchanged (pass nonfinite='skip' to skip and count such updates)"
                     )
         for gi, g in enumerate(self._groups):
-            srcs = binding.srcs[gi]
-            if not g.averaged:
-                self._copy_group(gi, g, srcs, binding.flat[gi])
-            else:
+            if g.averaged:
                 self._update_group(gi, g, binding, weights, info, staged.get(gi))
+        if isinstance(model, nn.Module):
+            # copied tensors (integer buffers...) are only read when the average is read: a model
+            # with 1000 BatchNorm layers would otherwise spend a third of each update on them
+            self._pending_copy = binding
+        else:
+            self._pending_copy = None
+            self._copy_groups(binding)
         self.num_updates += 1
         self.step = step
         self.last_step = step
-        self._last_source = weakref.ref(model) if isinstance(model, nn.Module) else None
         return True
 
     def _gather(
@@ -474,13 +480,22 @@ class Averager:
                     bad.append(e.name)
         return bad
 
-    def _copy_group(self, gi: int, g: _Group, srcs: list[Tensor], flat: bool) -> None:
-        dst = self._copies[gi]
-        if g.dev == g.src_device and flat:
-            torch.cat(srcs, out=dst)
-        else:
-            for e, t in zip(g.entries, srcs, strict=True):
-                dst[e.offset : e.offset + e.numel].copy_(t.reshape(-1))
+    @torch.no_grad()
+    def _copy_groups(self, binding: _Binding) -> None:
+        for gi, g in enumerate(self._groups):
+            if g.averaged:
+                continue
+            dst, srcs = self._copies[gi], binding.srcs[gi]
+            if g.dev == g.src_device and binding.flat[gi]:
+                torch.cat(srcs, out=dst)
+            else:
+                for e, t in zip(g.entries, srcs, strict=True):
+                    dst[e.offset : e.offset + e.numel].copy_(t.reshape(-1))
+
+    def _sync_copies(self) -> None:
+        """Bring copied tensors up to date with the model last updated from."""
+        if self._pending_copy is not None:
+            self._copy_groups(self._pending_copy)
 
     def _update_group(
         self,
@@ -579,11 +594,73 @@ class Averager:
         Writing into these views changes the average.
         """
         slot = self._slot(which)
+        self._sync_copies()
         out: dict[str, Tensor] = {}
         for gi, g in enumerate(self._groups):
             flat = self._storage[slot][gi] if g.averaged else self._copies[gi]
             for e in g.entries:
                 out[e.name] = flat[e.offset : e.offset + e.numel].view(e.shape)
+        return out
+
+    def flat_layout(self) -> dict[str, tuple[int, int, torch.Size]]:
+        """Where each averaged tensor sits in :meth:`flat`'s vector: name -> (start, stop, shape).
+
+        Only averaged (floating-point) tensors take part, in storage order; copied tensors
+        (integer buffers, ``buffers="copy"``) do not.
+        """
+        out: dict[str, tuple[int, int, torch.Size]] = {}
+        off = 0
+        for g in self._groups:
+            if g.averaged:
+                for e in g.entries:
+                    out[e.name] = (off + e.offset, off + e.offset + e.numel, e.shape)
+                off += g.numel
+        return out
+
+    @torch.no_grad()
+    def flat(
+        self,
+        model: Source | None = None,
+        *,
+        which: str | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """The averaged tensors as one fresh 1-D tensor, laid out as :meth:`flat_layout` says.
+
+        Args:
+            model: if given, read *this source's current values* of the averaged tensors instead
+                of the averages (paired by name and checked as in :meth:`update`), e.g. to form a
+                deviation ``θ − θ̄`` with one subtraction.
+            which: the rule whose averages are read (without ``model``).
+            dtype: dtype of the result (default: the averages' dtype, promoted across groups).
+            device: device of the result (default: where the first averaged group lives).
+
+        Returns:
+            A new tensor (never a view of the averages): writing to it changes nothing.
+        """
+        groups = [(gi, g) for gi, g in enumerate(self._groups) if g.averaged]
+        if not groups:
+            raise StateError("the averager tracks no averaged (floating-point) tensor")
+        if model is None:
+            self._require_update()
+            slot = self._slot(which)
+            parts = [self._storage[slot][gi] for gi, _ in groups]
+        else:
+            if which is not None:
+                raise bad_arg("which", which, "None when model is given (model values are read)")
+            binding = self._bind(model)
+            parts = [torch.cat([t.reshape(-1) for t in binding.srcs[gi]]) for gi, _ in groups]
+        if dtype is None:
+            dtype = groups[0][1].dtype
+            for _, g in groups[1:]:
+                dtype = torch.promote_types(dtype, g.dtype)
+        dev = torch.device(device) if device is not None else groups[0][1].dev
+        out = torch.empty(sum(g.numel for _, g in groups), dtype=dtype, device=dev)
+        off = 0
+        for part in parts:
+            out[off : off + part.numel()].copy_(part)
+            off += part.numel()
         return out
 
     def export_state_dict(
@@ -735,6 +812,7 @@ class Averager:
                 mine_t = self.averaged_tensors(slot)
                 for n, t in averages[slot].items():
                     mine_t[n].copy_(t)
+        self._pending_copy = None  # the loaded copies stand until the next update
         self.num_updates = int(state["num_updates"])
         self.num_skipped = int(state.get("num_skipped", 0))
         self.step = int(state["step"])
@@ -747,6 +825,7 @@ class Averager:
         self.num_skipped = 0
         self.step = 0
         self.last_step = None
+        self._pending_copy = None
 
     # ------------------------------------------------------------------ describing
 
