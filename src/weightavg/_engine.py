@@ -372,7 +372,9 @@ class Averager:
         buf = self._scratch.get(key)
         if buf is None or buf.numel() < n:
             size = max(n, min(_SCRATCH, max(g.packed_numel for g in self._groups)))
-            buf = torch.empty(size, dtype=dtype, device=device)
+            # staging on the host for an accelerator's tensors: pinned memory copies faster
+            pin = device.type == "cpu" and any(g.src_device.type == "cuda" for g in self._groups)
+            buf = torch.empty(size, dtype=dtype, device=device, pin_memory=pin)
             self._scratch[key] = buf
         return buf[:n]
 
@@ -742,6 +744,30 @@ class Averager:
         stored = self.averaged_tensors(which)
         for n in names:
             stored[n].copy_(tensors[n])
+
+    @torch.no_grad()
+    def all_reduce(self, group: Any = None) -> None:
+        """Replace every average by its mean over the ranks of ``group`` (torch.distributed).
+
+        One collective per storage group (not per tensor). This is SWAP's last step (average the
+        workers' independently trained weights) and reconciles averages that drifted across ranks.
+        Copied tensors are left as they are. Every rank must call it, with the same configuration.
+
+        Raises:
+            StateError: torch.distributed is not initialised, or no update happened yet.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise StateError("all_reduce needs an initialised torch.distributed process group")
+        self._require_update()
+        world = dist.get_world_size(group)
+        for slot in self.rules:
+            for gi, g in enumerate(self._groups):
+                if g.averaged:
+                    flat = self._storage[slot][gi]
+                    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+                    flat.div_(world)
 
     def _param_names(self, model: nn.Module) -> set[str]:
         return {n for n, (_, is_p) in named_tensors(model).items() if is_p}
