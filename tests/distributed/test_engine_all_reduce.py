@@ -54,3 +54,27 @@ def test_all_reduce_needs_a_process_group() -> None:
     avg.update(nn.Linear(2, 2))
     with pytest.raises(wa.StateError, match="process group"):
         avg.all_reduce()
+
+
+def _swap_worker(rank: int, world: int, port: int, out: str) -> None:
+    from weightavg.lowp import swap_average
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(10 + rank)
+        model = nn.Linear(3, 2).to(torch.bfloat16)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        swap_average(model)
+        torch.save({"before": before, "after": model.state_dict()}, f"{out}/swap{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_swap_average_puts_the_mean_of_workers_in_every_model(tmp_path) -> None:
+    mp.spawn(_swap_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r = [torch.load(tmp_path / f"swap{i}.pt", weights_only=True) for i in range(2)]
+    for name in ("weight", "bias"):
+        expected = ((r[0]["before"][name].float() + r[1]["before"][name].float()) / 2).to(torch.bfloat16)
+        assert torch.equal(r[0]["after"][name], expected)  # fp32 mean, rounded once into bf16
+        assert torch.equal(r[1]["after"][name], expected)
