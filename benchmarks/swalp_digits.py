@@ -11,6 +11,7 @@ quarter of training at a constant learning rate.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -48,7 +49,8 @@ def run(seed: int, bits: int | None, swa: bool, epochs: int, split) -> float:
     swa_start = int(0.75 * epochs)
     g = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
-        lr = 0.05 if (swa and epoch >= swa_start) else 0.05 * 0.5 * (1 + torch.cos(torch.tensor(epoch / epochs * 3.14159)).item())
+        cosine = 0.05 * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        lr = 0.05 if (swa and epoch >= swa_start) else cosine
         for grp in opt.param_groups:
             grp["lr"] = lr
         model.train()
