@@ -264,7 +264,7 @@ class Averager:
         self._views: dict[str, dict[str, Tensor]] = {}
         self._scratch: dict[tuple[torch.device, torch.dtype, str], Tensor] = {}
         self._bindings: dict[int, _Binding] = {}
-        # copied tensors of a module source are read lazily (see _sync_copies)
+        # copied tensors of a module source are read lazily (see sync_copies)
         self._pending_copy: _Binding | None = None
 
     # ------------------------------------------------------------------ selection & layout
@@ -494,10 +494,24 @@ class Averager:
                 for e, t in zip(g.entries, srcs, strict=True):
                     dst[e.offset : e.offset + e.numel].copy_(t.reshape(-1))
 
-    def _sync_copies(self) -> None:
-        """Bring copied tensors up to date with the model last updated from."""
+    def sync_copies(self) -> None:
+        """Bring copied tensors (integer buffers, ``buffers="copy"``) up to date now.
+
+        They are read from the module last updated from; every read of the average (swap, export,
+        ``state_dict``, ``averaged_tensors``) does this first, so call it only to pin their values
+        to this moment (e.g. right after an update).
+        """
         if self._pending_copy is not None:
             self._copy_groups(self._pending_copy)
+
+    def follow(self, model: nn.Module) -> None:
+        """Let copied tensors follow ``model`` from now on, as after an update from it.
+
+        After :meth:`load_state_dict` the loaded copies stand until the next update; a resumed run
+        calls this so that its copies read the live model, exactly as the uninterrupted run does.
+        """
+        if self.num_updates:
+            self._pending_copy = self._bind(model)
 
     def _update_group(
         self,
@@ -596,7 +610,7 @@ class Averager:
         Writing into these views changes the average.
         """
         slot = self._slot(which)
-        self._sync_copies()
+        self.sync_copies()
         out: dict[str, Tensor] = {}
         for gi, g in enumerate(self._groups):
             flat = self._storage[slot][gi] if g.averaged else self._copies[gi]

@@ -67,7 +67,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from ._engine import Averager, NonFinitePolicy, named_tensors, unwrap_model
+from ._engine import FORMAT_VERSION, Averager, NonFinitePolicy, named_tensors, unwrap_model
 from ._errors import MismatchError, StateError, bad_arg, describe_mismatch
 from ._rules import Rule, custom, ema, inplace, mean
 from ._schedules import ANNEAL_STRATEGIES, anneal_factor
@@ -389,6 +389,8 @@ class AveragedModel(nn.Module):
         self.nonfinite: NonFinitePolicy = nonfinite
         self._rule = rule
         self._avg: Averager | None = None
+        self._views: dict[str, Tensor] = {}  # canonical name -> the engine's storage view
+        self._own_copies: list[str] = []  # copied tensors the module keeps (dtype differs)
         self._pending_n = 0  # the count while the engine is absent or being re-attached
         self._dirty = False
         self._attach(avg, 0)
@@ -404,10 +406,21 @@ class AveragedModel(nn.Module):
         return self._avg.num_updates
 
     @torch.no_grad()
-    def _attach(self, avg: Averager, count: int) -> None:
-        """Make ``avg``'s storage the module's tensors (values kept) and set its count."""
+    def _attach(self, avg: Averager, count: int, own: Sequence[str] = ()) -> None:
+        """Make ``avg``'s storage the module's tensors (values kept) and set its count.
+
+        ``own``: copied tensors whose dtype differs from the model's (after ``.double()``...);
+        the module keeps them and they are copied (with a cast) after each update.
+        """
+        # Views are taken once per engine: reading them again later would let the engine refresh
+        # its copied tensors (buffers) from the live model, after the update they belong to.
+        if avg is self._avg:
+            views = self._views
+        else:
+            views = {n: v for n, v in avg.averaged_tensors().items() if n not in own}
+            self._own_copies = list(own)
         mine = named_tensors(self.module)
-        for name, view in avg.averaged_tensors().items():
+        for name, view in views.items():
             t = mine[name][0]
             if _aliases(t, view):
                 continue
@@ -427,17 +440,20 @@ class AveragedModel(nn.Module):
             if mod._buffers.get(b) is not None
         ]
         if avg.num_updates != count:
-            state = avg.state_dict()
-            state.update(num_updates=count, step=count, last_step=count if count else None,
-                         averages={})
-            avg.load_state_dict(state)
+            avg.load_state_dict({
+                "format": "weightavg.Averager", "format_version": FORMAT_VERSION,
+                "config": avg.config(), "num_updates": count, "num_skipped": avg.num_skipped,
+                "step": count, "last_step": count if count else None, "averages": {},
+            })
         self._avg = avg
+        self._views = views
         self._dirty = False
 
-    def _is_attached(self, avg: Averager) -> bool:
+    def _is_attached(self) -> bool:
+        if self._avg is None:
+            return False
         mine = named_tensors(self.module)
-        return all(name in mine and _aliases(mine[name][0], view)
-                   for name, view in avg.averaged_tensors().items())
+        return all(name in mine and _aliases(mine[name][0], view) for name, view in self._views.items())
 
     def _rebuild(self, model: nn.Module) -> Averager:
         """A new engine reading ``model``, whose storage becomes the module's current tensors."""
@@ -460,8 +476,12 @@ class AveragedModel(nn.Module):
                 raise StateError(f"the AveragedModel's tensors are on {sorted(map(str, devices))} "
                                  "and the model's elsewhere; put the AveragedModel on one device")
             device = devices.pop()
+        # averaged tensors follow the module's dtype; copied ones that differ are copied with a cast
+        averaged = {n for n, (_, is_param) in mine.items()
+                    if src[n][0].is_floating_point() and (is_param or self.use_buffers)}
+        own = [n for n, (t, _) in mine.items() if n not in averaged and t.dtype != src[n][0].dtype]
         dtype: torch.dtype | None = None
-        floats = [(t, s) for t, s in pairs if s.is_floating_point()]
+        floats = [(mine[n][0], src[n][0]) for n in averaged]
         if any(t.dtype != s.dtype for t, s in floats):
             dtypes = {t.dtype for t, _ in floats}
             if len(dtypes) != 1:
@@ -470,7 +490,7 @@ class AveragedModel(nn.Module):
             dtype = dtypes.pop()
         avg = Averager(model, rule=self._rule, buffers="average" if self.use_buffers else "copy",
                        dtype=dtype, device=device, nonfinite=self.nonfinite)
-        self._attach(avg, count)
+        self._attach(avg, count, own)
         return avg
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> AveragedModel:
@@ -478,9 +498,9 @@ class AveragedModel(nn.Module):
         # them. Drop it (freeing its storage); the next update builds one on the new tensors.
         count = self._count() if "_avg" in self.__dict__ else 0
         out = super()._apply(fn, recurse)
-        avg = self.__dict__.get("_avg")
-        if avg is not None and not self._is_attached(avg):
+        if self.__dict__.get("_avg") is not None and not self._is_attached():
             self._avg = None
+            self._views = {}
             self._pending_n = count
             self._dirty = True
         return out
@@ -508,6 +528,7 @@ class AveragedModel(nn.Module):
         state = super().__getstate__()
         state["_pending_n"] = self._count()
         state["_avg"] = None
+        state["_views"] = {}
         state["_dirty"] = True
         return state
 
@@ -533,7 +554,7 @@ class AveragedModel(nn.Module):
             raise bad_arg("model", type(model).__name__, "a torch.nn.Module")
         avg = self._avg
         if avg is None or self._dirty:
-            if avg is not None and self._is_attached(avg):
+            if avg is not None and self._is_attached():
                 self._attach(avg, self._pending_n)  # e.g. after load_state_dict: take its count
             else:
                 avg = self._rebuild(model)
@@ -543,6 +564,12 @@ class AveragedModel(nn.Module):
             # the same names and shapes but another device/dtype: re-read the model from there
             avg = self._rebuild(model)
             avg.update(model)
+        # copied tensors (buffers) are written now, as torch does, not when the engine is read
+        avg.sync_copies()
+        if self._own_copies:
+            kept, latest = named_tensors(self.module), named_tensors(model)
+            torch._foreach_copy_([kept[n][0] for n in self._own_copies],
+                                 [latest[n][0] for n in self._own_copies])
         if self._nonpersistent:
             mine, theirs = unwrap_model(self.module), unwrap_model(model)
             for name in self._nonpersistent:
@@ -658,7 +685,7 @@ class SWALR(LRScheduler):
     def __init__(
         self,
         optimizer: Optimizer,
-        swa_lr: float | Sequence[float],
+        swa_lr: float | Tensor | Sequence[float | Tensor],
         anneal_epochs: int = 10,
         anneal_strategy: Literal["cos", "linear"] = "cos",
         last_epoch: int = -1,
