@@ -1,16 +1,35 @@
 """Schedules: ``step -> value`` callables (learning-rate phases for SWA, cyclic schedules).
 
-A schedule takes the count explicitly; nothing here holds tensors.
+A schedule takes the count explicitly; nothing here holds tensors. The two learning-rate phases of
+SWA are given twice: as closed-form functions of the phase index (:func:`swa_anneal_lr`,
+:func:`swa_cyclic_lr`, used by the policies in ``weightavg._policy``) and as ordinary
+``torch.optim.lr_scheduler.LRScheduler`` classes (:class:`SWAAnnealLR`, :class:`SWACyclicLR`) for
+hand-written loops. Both leave the learning rate alone until their phase starts, so they compose
+with the user's own scheduler instead of replacing it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from ._errors import bad_arg
 
-__all__ = ["ANNEAL_STRATEGIES", "anneal_factor"]
+__all__ = [
+    "ANNEAL_STRATEGIES",
+    "SWAAnnealLR",
+    "SWACyclicLR",
+    "anneal_factor",
+    "group_lr",
+    "per_group",
+    "swa_anneal_lr",
+    "swa_cyclic_lr",
+]
 
 
 def _cos(t: float) -> float:
@@ -33,3 +52,189 @@ def anneal_factor(strategy: str, t: float) -> float:
     if fn is None:
         raise bad_arg("anneal_strategy", strategy, "'cos' or 'linear'")
     return fn(min(1.0, max(0.0, t)))
+
+
+def swa_anneal_lr(start_lr: float, swa_lr: float, index: int, anneal_steps: int,
+                  strategy: str = "cos") -> float:
+    """Learning rate of the ``index``-th step (0-based) of SWA's anneal-then-constant phase.
+
+    .. note::
+        ``lr = start_lr + (swa_lr − start_lr) · f(min(1, index / anneal_steps))`` with ``f`` the
+        anneal function (:func:`anneal_factor`); ``anneal_steps = 0`` jumps to ``swa_lr`` at once.
+        This is the learning rate of ``torch.optim.swa_utils.SWALR`` after ``index`` steps when
+        nothing else changes the learning rate.
+
+    Example:
+        >>> swa_anneal_lr(0.1, 0.01, 5, 10, "linear")
+        0.055
+    """
+    t = 1.0 if anneal_steps <= 0 else index / anneal_steps
+    return start_lr + (swa_lr - start_lr) * anneal_factor(strategy, t)
+
+
+def swa_cyclic_lr(max_lr: float, min_lr: float, index: int, cycle_steps: int,
+                  strategy: str = "linear") -> float:
+    """Learning rate of the ``index``-th step (0-based) of a cyclic SWA phase (Izmailov et al.).
+
+    .. note::
+        With cycle length ``c`` and ``t = ((index mod c) + 1) / c``,
+        ``lr = max_lr + (min_lr − max_lr) · f(t)``: each cycle decreases from near ``max_lr`` to
+        ``min_lr`` at its last step, where the weights are averaged (fast-SWA averages several
+        times per cycle).
+
+    Example:
+        >>> [round(swa_cyclic_lr(0.1, 0.0, i, 4), 3) for i in range(5)]
+        [0.075, 0.05, 0.025, 0.0, 0.075]
+    """
+    if cycle_steps < 1:
+        raise bad_arg("cycle_steps", cycle_steps, "a positive int")
+    t = ((index % cycle_steps) + 1) / cycle_steps
+    return max_lr + (min_lr - max_lr) * anneal_factor(strategy, t)
+
+
+def per_group(name: str, value: float | Sequence[float], n_groups: int) -> list[float]:
+    """A float, or a sequence with one positive float per param group, as a list of ``n_groups``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (value >= 0 and math.isfinite(value)):
+            raise bad_arg(name, value, "a non-negative finite float")
+        return [float(value)] * n_groups
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        vals = list(value)
+        if len(vals) != n_groups:
+            raise bad_arg(name, value, f"a float or a list of {n_groups} floats "
+                                       f"(one per param group), not {len(vals)}")
+        return [per_group(f"{name}[{i}]", v, 1)[0] for i, v in enumerate(vals)]
+    raise bad_arg(name, value, "a float or a list of floats (one per param group)")
+
+
+def group_lr(group: dict[str, Any]) -> float:
+    """A param group's learning rate as a float (``lr`` may be a tensor, e.g. capturable Adam)."""
+    lr = group["lr"]
+    return float(lr.item()) if isinstance(lr, Tensor) else float(lr)
+
+
+class _PhaseLR(LRScheduler):
+    """Leaves every group's lr alone for ``start`` steps, then follows ``phase_lr(i, group)``."""
+
+    def __init__(self, optimizer: Optimizer, *, start: int, last_epoch: int) -> None:
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise bad_arg("start", start, "a non-negative int (scheduler steps before the phase)")
+        self.start = start
+        self.start_lrs: list[float] | None = None  # each group's lr when the phase began
+        super().__init__(optimizer, last_epoch)
+
+    def _phase_lr(self, index: int, group_index: int) -> float:
+        raise NotImplementedError
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        i = self.last_epoch - self.start
+        groups = self.optimizer.param_groups
+        if i < 0:
+            return [group_lr(g) for g in groups]
+        if self.start_lrs is None:
+            self.start_lrs = [group_lr(g) for g in groups]
+        return [self._phase_lr(i, k) for k in range(len(groups))]
+
+
+class SWAAnnealLR(_PhaseLR):
+    """SWA's learning-rate phase as an ordinary scheduler: anneal to ``swa_lr``, then hold it.
+
+    Until ``start`` calls of :meth:`step` the learning rate is left as it is (your own scheduler
+    keeps control); from then on each group's learning rate goes from its value at that moment to
+    ``swa_lr`` in ``anneal_steps`` steps and stays there. Step it once per epoch or once per
+    optimizer step, *after* your own scheduler (the later write wins).
+
+    .. note::
+        At phase index ``i = step_count − start``:
+        ``lr = lr₀ + (swa_lr − lr₀) · f(min(1, i / anneal_steps))``, ``lr₀`` the group's learning
+        rate at ``i = 0`` and ``f`` the anneal function. Started at ``i = 0`` with nothing else
+        changing the learning rate, this is ``torch.optim.swa_utils.SWALR``.
+
+    Args:
+        optimizer: the optimizer.
+        swa_lr: the constant learning rate of the SWA phase; a float or one per param group.
+        anneal_steps: length of the anneal in scheduler steps (0 jumps to ``swa_lr``).
+        anneal_strategy: ``"cos"`` or ``"linear"``.
+        start: scheduler steps before the phase begins.
+        last_epoch: as in every torch scheduler (-1 to start fresh).
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+        >>> sched = SWAAnnealLR(opt, swa_lr=0.01, anneal_steps=2, anneal_strategy="linear", start=1)
+        >>> lrs = []
+        >>> for _ in range(4):
+        ...     opt.step(); sched.step(); lrs.append(round(opt.param_groups[0]["lr"], 4))
+        >>> lrs
+        [0.1, 0.055, 0.01, 0.01]
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        swa_lr: float | Sequence[float],
+        *,
+        anneal_steps: int = 10,
+        anneal_strategy: str = "cos",
+        start: int = 0,
+        last_epoch: int = -1,
+    ) -> None:
+        self.swa_lrs = per_group("swa_lr", swa_lr, len(optimizer.param_groups))
+        if isinstance(anneal_steps, bool) or not isinstance(anneal_steps, int) or anneal_steps < 0:
+            raise bad_arg("anneal_steps", anneal_steps, "a non-negative int")
+        anneal_factor(anneal_strategy, 0.0)  # validates the name
+        self.anneal_steps = anneal_steps
+        self.anneal_strategy = anneal_strategy
+        super().__init__(optimizer, start=start, last_epoch=last_epoch)
+
+    def _phase_lr(self, index: int, group_index: int) -> float:
+        assert self.start_lrs is not None
+        return swa_anneal_lr(self.start_lrs[group_index], self.swa_lrs[group_index], index,
+                             self.anneal_steps, self.anneal_strategy)
+
+
+class SWACyclicLR(_PhaseLR):
+    """Cyclic learning rate for (fast-)SWA: each cycle decays from ``max_lr`` to ``min_lr``.
+
+    Until ``start`` calls of :meth:`step` the learning rate is left alone; then cycles of
+    ``cycle_steps`` steps follow, each ending at ``min_lr`` (average the weights there, or several
+    times per cycle for fast-SWA). ``max_lr=None`` uses each group's learning rate at the start.
+
+    .. note::
+        ``t = ((i mod c) + 1) / c``, ``lr = max_lr + (min_lr − max_lr) · f(t)`` at phase index
+        ``i``, cycle length ``c`` and anneal function ``f`` (``"linear"`` as in the SWA paper).
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+        >>> sched = SWACyclicLR(opt, min_lr=0.0, cycle_steps=2)
+        >>> [round(sched.get_last_lr()[0], 3)] + [
+        ...     (opt.step(), sched.step(), round(sched.get_last_lr()[0], 3))[2] for _ in range(3)]
+        [0.05, 0.0, 0.05, 0.0]
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        min_lr: float | Sequence[float],
+        *,
+        cycle_steps: int,
+        max_lr: float | Sequence[float] | None = None,
+        strategy: str = "linear",
+        start: int = 0,
+        last_epoch: int = -1,
+    ) -> None:
+        n = len(optimizer.param_groups)
+        self.min_lrs = per_group("min_lr", min_lr, n)
+        self.max_lrs = None if max_lr is None else per_group("max_lr", max_lr, n)
+        if isinstance(cycle_steps, bool) or not isinstance(cycle_steps, int) or cycle_steps < 1:
+            raise bad_arg("cycle_steps", cycle_steps, "a positive int")
+        anneal_factor(strategy, 0.0)
+        self.cycle_steps = cycle_steps
+        self.strategy = strategy
+        super().__init__(optimizer, start=start, last_epoch=last_epoch)
+
+    def _phase_lr(self, index: int, group_index: int) -> float:
+        assert self.start_lrs is not None
+        top = self.max_lrs[group_index] if self.max_lrs is not None else self.start_lrs[group_index]
+        return swa_cyclic_lr(top, self.min_lrs[group_index], index, self.cycle_steps, self.strategy)

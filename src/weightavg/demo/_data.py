@@ -52,11 +52,20 @@ class DemoData:
 
 def _mnist1d() -> DemoData:
     require("mnist1d")
-    import mnist1d.data
+    import random
 
-    with contextlib.redirect_stdout(io.StringIO()):  # the generator may print progress
-        args = mnist1d.data.get_dataset_args()
-        ds = mnist1d.data.make_dataset(args)
+    import mnist1d.data
+    import numpy as np
+
+    # the generator seeds numpy's and Python's global RNGs: give the caller's states back
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the generator may print progress
+            args = mnist1d.data.get_dataset_args()
+            ds = mnist1d.data.make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
     return DemoData(
         name="mnist1d",
         description=(f"MNIST-1D (Greydanus 2020), generated locally with seed {args.seed}: "

@@ -1,6 +1,7 @@
 """Per-epoch learning-rate schedules of the demo and of ``weightavg plot-lr``.
 
-Only schedules live here (when the learning rate changes); averaging is the engine's job.
+The SWA phase uses the policies' closed forms (:func:`weightavg._schedules.swa_anneal_lr` and
+``swa_cyclic_lr``), so what is drawn is what ``weightavg.SWA`` does.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import math
 
 from .._errors import bad_arg
-from .._schedules import anneal_factor
+from .._schedules import anneal_factor, swa_anneal_lr, swa_cyclic_lr
 
 __all__ = ["cosine_lr", "swa_schedule", "swalr_lr"]
 
@@ -29,10 +30,10 @@ def swalr_lr(lr0: float, swa_lr: float, i: int, anneal_epochs: int, strategy: st
     .. note::
         ``lr = lr0 + (swa_lr − lr0) · a(t)`` with ``t = min(1, i / max(1, anneal_epochs))`` and
         ``a(t) = (1 − cos πt)/2`` (``"cos"``) or ``t`` (``"linear"``): the first SWA epoch still
-        uses ``lr0`` and ``swa_lr`` is reached after ``anneal_epochs`` epochs.
+        uses ``lr0`` and ``swa_lr`` is reached after ``anneal_epochs`` epochs (as SWALR stepped
+        once per epoch; ``anneal_epochs=0`` behaves like 1 there, unlike ``weightavg.SWA``'s jump).
     """
-    t = min(1.0, max(0.0, i / max(1, anneal_epochs)))
-    return lr0 + (swa_lr - lr0) * anneal_factor(strategy, t)
+    return swa_anneal_lr(lr0, swa_lr, i, max(1, anneal_epochs), strategy)
 
 
 def swa_schedule(
@@ -44,12 +45,16 @@ def swa_schedule(
     anneal_epochs: int,
     strategy: str = "cos",
     before: str = "cosine",
+    cycle: int | None = None,
 ) -> list[float]:
     """Learning rate of each epoch of an SWA run.
 
     Before ``swa_start`` the run follows ``before`` (``"cosine"`` over the whole run, as the SGD
     baseline of the demo, or ``"constant"`` at ``lr``); from ``swa_start`` on, SWALR anneals from
-    the learning rate of epoch ``swa_start`` to ``swa_lr`` (see :func:`swalr_lr`).
+    the learning rate of epoch ``swa_start`` to ``swa_lr`` (see :func:`swalr_lr`). With ``cycle``
+    the SWA phase is cyclic instead (``weightavg.SWA(cycle=...)``): each cycle of ``cycle`` epochs
+    goes from the learning rate of epoch ``swa_start`` down to ``swa_lr``, reached at its last
+    epoch, where the weights are averaged.
 
     Args:
         epochs: number of epochs (> 0).
@@ -59,6 +64,7 @@ def swa_schedule(
         anneal_epochs: epochs of the anneal from the current rate to ``swa_lr`` (>= 0).
         strategy: ``"cos"`` or ``"linear"``.
         before: ``"cosine"`` or ``"constant"``.
+        cycle: cycle length in epochs for a cyclic SWA phase (None: anneal then constant).
 
     Returns:
         ``epochs`` learning rates, one per epoch.
@@ -76,10 +82,17 @@ def swa_schedule(
     if before not in ("cosine", "constant"):
         raise bad_arg("before", before, "'cosine' or 'constant'")
     anneal_factor(strategy, 0.0)  # validates the strategy
+    if cycle is not None and (isinstance(cycle, bool) or not isinstance(cycle, int) or cycle < 1):
+        raise bad_arg("cycle", cycle, "a positive number of epochs or None")
 
     def base(e: int) -> float:
         return cosine_lr(lr, e, epochs) if before == "cosine" else float(lr)
 
     lr0 = base(swa_start)
-    return [base(e) if e < swa_start else swalr_lr(lr0, swa_lr, e - swa_start, anneal_epochs, strategy)
-            for e in range(epochs)]
+
+    def phase(i: int) -> float:
+        if cycle is not None:
+            return swa_cyclic_lr(lr0, swa_lr, i, cycle, strategy)
+        return swalr_lr(lr0, swa_lr, i, anneal_epochs, strategy)
+
+    return [base(e) if e < swa_start else phase(e - swa_start) for e in range(epochs)]

@@ -13,10 +13,9 @@ probabilities when asked. All averaging goes through :class:`weightavg.Averager`
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +24,7 @@ from .._bn import recompute_bn
 from .._engine import Averager
 from .._rules import ema_warmup, mean
 
-__all__ = ["METHODS", "EvalContext", "Method", "available_methods", "predict_probs"]
+__all__ = ["METHODS", "EvalContext", "Method", "available_methods", "default_methods", "predict_probs"]
 
 Trajectory = Literal["sgd", "swa"]
 
@@ -63,6 +62,9 @@ def averaged_probs(avg: Averager, model: nn.Module, ctx: EvalContext) -> Tensor:
 class Method:
     """Base class of a compared method (the SGD baseline itself: the model as trained).
 
+    A factory in :data:`METHODS` builds one per seed from the demo's configuration
+    (:class:`weightavg.demo.DemoConfig`).
+
     Attributes:
         key: name on the command line (``--methods``).
         label: name in the table.
@@ -73,7 +75,11 @@ class Method:
     key = "sgd"
     label = "SGD"
     trajectory: Trajectory = "sgd"
+    curve = True  # evaluated after every epoch for the test-error plot
     description = "the model at the end of the tuned SGD run (cosine learning rate)"
+
+    def __init__(self, cfg: Any = None) -> None:
+        self.cfg = cfg
 
     def start(self, model: nn.Module, ctx: EvalContext) -> None:
         """Called once when the trajectory starts (at the branch point for ``"swa"``)."""
@@ -98,7 +104,8 @@ class SWAMethod(Method):
     description = ("equal average of the weights at the end of every epoch of the SWA phase "
                    "(SWALR), BatchNorm statistics recomputed")
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: Any = None) -> None:
+        super().__init__(cfg)
         self.avg: Averager | None = None
         self.swa_start = 0
 
@@ -129,7 +136,8 @@ class EMAMethod(Method):
     description = (f"EMA of the SGD run updated every step, decay 1-(1+step)^-{power} capped at "
                    f"{max_decay} (warmup), BatchNorm statistics recomputed")
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: Any = None) -> None:
+        super().__init__(cfg)
         self.avg: Averager | None = None
 
     def start(self, model: nn.Module, ctx: EvalContext) -> None:
@@ -146,18 +154,70 @@ class EMAMethod(Method):
         return averaged_probs(self.avg, model, ctx)
 
 
-def _swag_factory() -> Callable[[], Method] | None:
-    """The SWAG entry, once ``weightavg.swag`` exists (None until then)."""
-    if importlib.util.find_spec("weightavg.swag") is None:
+class SWAGMethod(Method):
+    """SWAG on the SWA branch: Bayesian model average over draws from the SWAG posterior.
+
+    Collects once per epoch of the SWA phase (like SWA); predicts with ``num_samples`` draws at
+    ``scale``, BatchNorm statistics recomputed for each draw. Evaluated at the end of the run only
+    (each evaluation costs ``num_samples`` BatchNorm refreshes).
+    """
+
+    key = "swag"
+    label = "SWAG"
+    trajectory: Trajectory = "swa"
+    curve = False
+    max_rank = 20
+    num_samples = 30
+    scale = 0.5
+    description = (f"SWAG (rank <= {max_rank}) on the SWA branch, collected once per epoch; "
+                   f"Bayesian model average of --swag-samples draws (default {num_samples}) at scale "
+                   f"{scale}, BatchNorm statistics recomputed per draw")
+
+    def __init__(self, cfg: Any = None) -> None:
+        super().__init__(cfg)
+        self.swag: Any = None
+        self.swa_start = 0
+        self.num_samples = int(getattr(cfg, "swag_samples", SWAGMethod.num_samples))
+
+    def start(self, model: nn.Module, ctx: EvalContext) -> None:
+        from ..swag import SWAG
+
+        self.swag = SWAG(model, max_rank=self.max_rank)
+        self.swa_start = ctx.swa_start
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> None:
+        if self.swag is not None and epoch >= self.swa_start:
+            self.swag.collect(model)
+
+    def predict(self, model: nn.Module, ctx: EvalContext) -> Tensor | None:
+        if self.swag is None or self.swag.num_collected == 0:
+            return None
+        from ..swag import bma_predict
+
+        gen = torch.Generator().manual_seed(12345)
+        return bma_predict(self.swag, model, [ctx.x_test], num_samples=self.num_samples,
+                           bn_data=ctx.bn_batches, scale=self.scale, generator=gen)
+
+
+def _swag_factory() -> Callable[[Any], Method] | None:
+    """The SWAG entry when ``weightavg.swag`` is importable (None otherwise)."""
+    try:
+        from ..swag import SWAG, bma_predict  # noqa: F401 - availability check
+    except ImportError:
         return None
-    return None  # hook: build a Method around weightavg.swag here
+    return SWAGMethod
 
 
 #: key -> factory of a fresh method (one per seed). SWAG joins when ``weightavg.swag`` exists.
-METHODS: dict[str, Callable[[], Method]] = {"sgd": Method, "swa": SWAMethod, "ema": EMAMethod}
+METHODS: dict[str, Callable[[Any], Method]] = {"sgd": Method, "swa": SWAMethod, "ema": EMAMethod}
 
 
-def available_methods() -> dict[str, Callable[[], Method]]:
+def default_methods() -> tuple[str, ...]:
+    """The demo's default comparison: SGD, SWA, EMA, and SWAG when available."""
+    return tuple(available_methods())
+
+
+def available_methods() -> dict[str, Callable[[Any], Method]]:
     """The method factories usable here (SWAG only when it is installed)."""
     out = dict(METHODS)
     swag = _swag_factory()

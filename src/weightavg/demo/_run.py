@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -16,7 +17,7 @@ from .. import metrics
 from .._errors import bad_arg
 from ._data import DemoData, load_data
 from ._lr import cosine_lr, swa_schedule
-from ._methods import EvalContext, Method, available_methods
+from ._methods import EvalContext, Method, available_methods, default_methods
 from ._models import MODELS, make_model
 from ._stats import Paired, mean_std, paired_test
 
@@ -32,7 +33,8 @@ class DemoConfig:
         model: ``"mlp"`` (40-256-256-10 with BatchNorm) or ``"cnn"`` (1D CNN with BatchNorm).
         seeds: number of seeds (0, 1, ...); each gives one paired comparison.
         epochs: epochs of the SGD run.
-        methods: compared methods besides the SGD baseline, which always runs.
+        methods: compared methods besides the SGD baseline, which always runs (default: SWA, EMA,
+            and SWAG when :mod:`weightavg.swag` is available).
         batch_size: minibatch size.
         lr: peak learning rate (cosine-decayed to 0 over the run for SGD).
         momentum: Nesterov momentum.
@@ -43,13 +45,14 @@ class DemoConfig:
         anneal_strategy: ``"cos"`` or ``"linear"``.
         threads: torch intra-op threads during the run (restored afterwards).
         eval_every: evaluate the curves every this many epochs (the last epoch always).
+        swag_samples: posterior draws averaged by SWAG's prediction.
     """
 
     dataset: str = "mnist1d"
     model: str = "mlp"
     seeds: int = 5
     epochs: int = 60
-    methods: tuple[str, ...] = ("sgd", "swa", "ema")
+    methods: tuple[str, ...] = field(default_factory=lambda: default_methods())
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
@@ -60,16 +63,17 @@ class DemoConfig:
     anneal_strategy: str = "cos"
     threads: int = 1
     eval_every: int = 1
+    swag_samples: int = 30
 
     @property
     def swa_start_epoch(self) -> int:
-        return int(round(self.swa_start * self.epochs))
+        return round(self.swa_start * self.epochs)
 
     def validate(self) -> None:
         """Raise :class:`weightavg.ConfigError` naming the first bad setting."""
         if self.model not in MODELS:
             raise bad_arg("model", self.model, f"one of {', '.join(MODELS)}")
-        for name in ("seeds", "epochs", "batch_size", "threads", "eval_every"):
+        for name in ("seeds", "epochs", "batch_size", "threads", "eval_every", "swag_samples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad_arg(name, v, "a positive int")
@@ -184,10 +188,11 @@ class _Timer:
     def __init__(self, keys: Sequence[str]) -> None:
         self.spent = dict.fromkeys(keys, 0.0)
 
-    def call(self, key: str, fn: Callable[[], Any]) -> Any:
+    @contextlib.contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
         t0 = time.perf_counter()
         try:
-            return fn()
+            yield
         finally:
             self.spent[key] += time.perf_counter() - t0
 
@@ -202,7 +207,7 @@ def _run_seed(
 ) -> tuple[SeedResult, dict[str, Method]]:
     keys = cfg.method_keys()
     factories = available_methods()
-    methods = {k: factories[k]() for k in keys}
+    methods = {k: factories[k](cfg) for k in keys}
     on = {t: [k for k in keys if methods[k].trajectory == t] for t in ("sgd", "swa")}
     lrs = cfg.lr_schedules()
     E, S = cfg.epochs, cfg.swa_start_epoch
@@ -244,18 +249,24 @@ def _run_seed(
                 opt.step()
                 step += 1
                 for k in hooks:
-                    timer.call(k, lambda k=k, s=step: methods[k].after_step(model, s))
+                    with timer(k):
+                        methods[k].after_step(model, step)
             for k in hooks:
-                timer.call(k, lambda k=k, e=epoch: methods[k].after_epoch(model, e))
+                with timer(k):
+                    methods[k].after_epoch(model, epoch)
             traj_time[traj] += time.perf_counter() - t0 - (sum(timer.spent.values()) - hook_t0)
             last = epoch == E - 1
             if last or (epoch + 1) % cfg.eval_every == 0:
                 for k in hooks:
                     if last:
-                        probs = timer.call(k, lambda k=k: methods[k].predict(model, ctx))
-                        res.probs[k] = probs
-                    else:
+                        with timer(k):
+                            probs = methods[k].predict(model, ctx)
+                        if probs is not None:
+                            res.probs[k] = probs
+                    elif methods[k].curve:
                         probs = methods[k].predict(model, ctx)
+                    else:
+                        probs = None
                     if probs is not None:
                         res.curves[k][epoch] = 1.0 - metrics.accuracy(probs, data.y_test)
             if progress is not None:
@@ -264,7 +275,8 @@ def _run_seed(
 
     snapshot: list[tuple[dict[str, Any], dict[str, Any], int]] = []
     for k in on["sgd"]:
-        timer.call(k, lambda k=k: methods[k].start(model, ctx))
+        with timer(k):
+            methods[k].start(model, ctx)
     run("sgd", 0, 0)
     if on["swa"]:
         state, opt_state, step = snapshot[0]
@@ -272,7 +284,8 @@ def _run_seed(
         opt = make_opt(model)
         opt.load_state_dict(opt_state)
         for k in on["swa"]:
-            timer.call(k, lambda k=k: methods[k].start(model, ctx))
+            with timer(k):
+                methods[k].start(model, ctx)
         run("swa", S, step)
     for k in keys:
         probs = res.probs.get(k)
@@ -303,15 +316,18 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> DemoResult:
         data = load_data(cfg.dataset)
         bs = cfg.batch_size
         n = data.x_train.shape[0]
+        # recompute_bn gives the exact statistics of the whole training set whatever the split,
+        # so big chunks only save Python overhead
+        chunk = 1024
         ctx = EvalContext(
-            bn_batches=[data.x_train[i : i + bs] for i in range(0, n, bs)],
+            bn_batches=[data.x_train[i : i + chunk] for i in range(0, n, chunk)],
             x_test=data.x_test,
             swa_start=cfg.swa_start_epoch,
             total_steps=cfg.epochs * math.ceil(n / bs),
         )
         keys = cfg.method_keys()
         factories = available_methods()
-        probes = {k: factories[k]() for k in keys}
+        probes = {k: factories[k](cfg) for k in keys}
         per_seed = cfg.epochs + (cfg.epochs - cfg.swa_start_epoch
                                  if any(p.trajectory == "swa" for p in probes.values()) else 0)
         if progress is not None:

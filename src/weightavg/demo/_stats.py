@@ -79,7 +79,8 @@ class Paired:
 def paired_test(a: Sequence[float], b: Sequence[float]) -> Paired:
     """Paired two-sided t-test of ``a − b`` (scipy's ``ttest_rel`` when scipy is installed).
 
-    Differences that are all equal give p = 1 when they are 0 and p = 0 otherwise.
+    Differences that are all equal give p = 1 when they are 0 and NaN otherwise (the t statistic
+    is undefined; scipy gives NaN as well).
     """
     if len(a) != len(b):
         raise ValueError(f"paired_test needs equal lengths, got {len(a)} and {len(b)}")
@@ -89,8 +90,8 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> Paired:
     wins = sum(d > 0 for d in diffs)
     if n < 2:
         return Paired(m, s, math.nan, wins, n)
-    if s == 0.0:
-        return Paired(m, s, 1.0 if m == 0.0 else 0.0, wins, n)
+    if s == 0.0:  # the t statistic is undefined (scipy gives NaN too)
+        return Paired(m, s, 1.0 if m == 0.0 else math.nan, wins, n)
     try:
         from scipy import stats  # optional, used when present
     except ImportError:

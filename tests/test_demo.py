@@ -1,0 +1,359 @@
+"""The demo: its statistics, schedules, pairing of runs, and `weightavg demo --quick` end to end."""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import io
+import json
+import math
+import re
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weightavg.cli import main
+from weightavg.demo import DemoConfig, load_data
+from weightavg.demo import _methods as demo_methods
+from weightavg.demo._lr import cosine_lr, swa_schedule
+from weightavg.demo._run import _run_seed
+from weightavg.demo._stats import betainc, mean_std, paired_test, t_two_sided_p
+
+pytest.importorskip("mnist1d")
+pytest.importorskip("sklearn")
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    a=st.floats(0.05, 40.0),
+    b=st.floats(0.05, 40.0),
+    x=st.floats(0.0, 1.0),
+)
+def test_betainc_matches_scipy(a: float, b: float, x: float) -> None:
+    special = pytest.importorskip("scipy.special")
+    assert betainc(a, b, x) == pytest.approx(float(special.betainc(a, b, x)), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 9, 30])
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0, 2.5, 6.0, 40.0])
+def test_t_two_sided_p_matches_scipy(t: float, df: int) -> None:
+    stats = pytest.importorskip("scipy.stats")
+    assert t_two_sided_p(t, df) == pytest.approx(float(2 * stats.t.sf(t, df)), rel=1e-9, abs=1e-14)
+
+
+@settings(max_examples=40, deadline=None)
+@given(pairs=st.lists(st.tuples(st.floats(-5, 5), st.floats(-5, 5)), min_size=2, max_size=12))
+def test_paired_test_without_scipy_matches_ttest_rel(pairs: list[tuple[float, float]]) -> None:
+    stats = pytest.importorskip("scipy.stats")
+    a = [p[0] for p in pairs]
+    b = [p[1] for p in pairs]
+    diffs = [x - y for x, y in pairs]
+    if mean_std(diffs)[1] < 1e-9:
+        return  # constant differences: scipy gives NaN, we give 0 or 1 (tested below)
+    real_import = builtins.__import__
+
+    def no_scipy(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "scipy" or name.startswith("scipy."):
+            raise ImportError("scipy hidden by the test")
+        return real_import(name, *args, **kwargs)
+
+    with mock.patch.object(builtins, "__import__", no_scipy):
+        ours = paired_test(a, b)
+    ref = stats.ttest_rel(a, b)
+    assert ours.p_value == pytest.approx(float(ref.pvalue), rel=1e-7, abs=1e-12)
+    assert ours.diff_mean == pytest.approx(sum(diffs) / len(diffs))
+    assert ours.wins == sum(d > 0 for d in diffs)
+
+
+def test_paired_test_edge_cases() -> None:
+    assert math.isnan(paired_test([1.0], [0.0]).p_value)
+    assert paired_test([1.0, 2.0], [1.0, 2.0]).p_value == 1.0
+    assert math.isnan(paired_test([2.0, 3.0], [1.0, 2.0]).p_value)  # constant difference: t undefined
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_test([1.0], [1.0, 2.0])
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def _torch_swa_lrs(epochs: int, lr: float, swa_start: int, swa_lr: float, anneal: int,
+                   strategy: str, before: str) -> list[float]:
+    """Reference: torch's CosineAnnealingLR/constant, then SWALR, stepped once per epoch."""
+    from torch.optim.swa_utils import SWALR
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs) if before == "cosine" else None
+    out = []
+    swa = None
+    for e in range(epochs):
+        if e == swa_start:
+            swa = SWALR(opt, swa_lr=swa_lr, anneal_epochs=anneal, anneal_strategy=strategy)
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()  # (no gradient: a no-op that keeps the scheduler's call-order check quiet)
+        if swa is not None:
+            swa.step()
+        elif sched is not None:
+            sched.step()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("epochs", "lr", "swa_start", "swa_lr", "anneal", "strategy", "before"),
+    [
+        pytest.param(20, 0.1, 2, 0.001, 10, "cos", "constant", id="blog-figure-1"),
+        pytest.param(20, 0.1, 2, 0.1, 10, "cos", "constant", id="same-lr"),
+        pytest.param(20, 0.01, 5, 0.1, 3, "linear", "constant", id="rising-linear"),
+        pytest.param(60, 0.1, 45, 0.03, 3, "cos", "cosine", id="demo"),
+        pytest.param(10, 0.1, 0, 0.05, 1, "linear", "cosine", id="start-0"),
+    ],
+)
+def test_swa_schedule_matches_torch_swalr(
+    epochs: int, lr: float, swa_start: int, swa_lr: float, anneal: int, strategy: str, before: str
+) -> None:
+    ours = swa_schedule(epochs, lr=lr, swa_start=swa_start, swa_lr=swa_lr, anneal_epochs=anneal,
+                        strategy=strategy, before=before)
+    ref = _torch_swa_lrs(epochs, lr, swa_start, swa_lr, anneal, strategy, before)
+    assert ours == pytest.approx(ref, rel=1e-9, abs=1e-12)
+
+
+def test_cosine_lr_matches_torch() -> None:
+    ref = _torch_swa_lrs(60, 0.1, 60, 0.03, 3, "cos", "cosine")
+    assert [cosine_lr(0.1, e, 60) for e in range(60)] == pytest.approx(ref, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"swa_start": 21}, "swa_start"),
+        ({"swa_lr": 0.0}, "swa_lr"),
+        ({"anneal_epochs": -1}, "anneal_epochs"),
+        ({"strategy": "exp"}, "anneal_strategy"),
+        ({"before": "step"}, "before"),
+    ],
+)
+def test_swa_schedule_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    args = {"lr": 0.1, "swa_start": 2, "swa_lr": 0.01, "anneal_epochs": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        swa_schedule(20, **args)
+
+
+# ----------------------------------------------------------------------------- pairing of the runs
+
+
+class _Spy(demo_methods.Method):
+    """Records the model's weights at trajectory start and after every epoch."""
+
+    label = "spy"
+
+    def __init__(self, cfg: object = None) -> None:
+        super().__init__(cfg)
+        self.at_start: dict[str, torch.Tensor] = {}
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def start(self, model: torch.nn.Module, ctx: demo_methods.EvalContext) -> None:
+        self.at_start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def after_epoch(self, model: torch.nn.Module, epoch: int) -> None:
+        self.after[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+
+class _SpySGD(_Spy):
+    key = "spy_sgd"
+    trajectory = "sgd"
+
+
+class _SpySWA(_Spy):
+    key = "spy_swa"
+    trajectory = "swa"
+
+
+@pytest.fixture(scope="module")
+def digits():  # type: ignore[no-untyped-def]
+    return load_data("digits")
+
+
+def _ctx(data, cfg: DemoConfig) -> demo_methods.EvalContext:  # type: ignore[no-untyped-def]
+    return demo_methods.EvalContext(bn_batches=[data.x_train], x_test=data.x_test,
+                                    swa_start=cfg.swa_start_epoch, total_steps=0)
+
+
+def test_swa_branch_shares_weights_optimizer_and_batch_order(digits, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setitem(demo_methods.METHODS, "spy_sgd", _SpySGD)
+    monkeypatch.setitem(demo_methods.METHODS, "spy_swa", _SpySWA)
+    cfg = DemoConfig(dataset="digits", seeds=1, epochs=6, swa_start=0.5,
+                     methods=("swa", "spy_sgd", "spy_swa"))
+    res, methods = _run_seed(3, cfg, digits, _ctx(digits, cfg), None, "t")
+    sgd, swa = methods["spy_sgd"], methods["spy_swa"]
+    S = cfg.swa_start_epoch
+    # the branch starts from the SGD weights after epoch S-1 ...
+    for k, v in sgd.after[S - 1].items():
+        torch.testing.assert_close(swa.at_start[k], v, rtol=0, atol=0)
+    # ... and SWALR's first epoch uses the SGD run's learning rate: with the same momentum buffers
+    # and the same batch order, epoch S is bit-identical on both runs
+    for k, v in sgd.after[S].items():
+        torch.testing.assert_close(swa.after[S][k], v, rtol=0, atol=0)
+    # later epochs differ (SWALR anneals to swa_lr)
+    assert any(not torch.equal(swa.after[S + 1][k], v) for k, v in sgd.after[S + 1].items())
+    assert set(res.metrics) == {"sgd", "swa", "spy_sgd", "spy_swa"}
+
+
+def test_swa_method_averages_once_per_epoch_of_the_swa_phase(digits, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setitem(demo_methods.METHODS, "spy_swa", _SpySWA)
+    cfg = DemoConfig(dataset="digits", seeds=1, epochs=6, swa_start=0.5, methods=("swa", "spy_swa"))
+    _, methods = _run_seed(0, cfg, digits, _ctx(digits, cfg), None, "t")
+    spy, swa = methods["spy_swa"], methods["swa"]
+    epochs = sorted(spy.after)
+    assert epochs == list(range(cfg.swa_start_epoch, cfg.epochs))
+    avg = swa.avg.export_state_dict()
+    assert swa.avg.num_updates == len(epochs)
+    for name, value in avg.items():
+        if not value.is_floating_point():
+            continue
+        ref = torch.stack([spy.after[e][name].double() for e in epochs]).mean(0)
+        torch.testing.assert_close(value.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_run_is_deterministic(digits) -> None:  # type: ignore[no-untyped-def]
+    cfg = DemoConfig(dataset="digits", seeds=1, epochs=4, methods=("swa", "ema"))
+    a, _ = _run_seed(1, cfg, digits, _ctx(digits, cfg), None, "t")
+    b, _ = _run_seed(1, cfg, digits, _ctx(digits, cfg), None, "t")
+    assert a.metrics == b.metrics
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"methods": ("swa", "adam")}, "methods"),
+        ({"methods": ("swa", "swa")}, "methods"),
+        ({"epochs": 1}, "epochs"),
+        ({"swa_start": 1.0}, "swa_start"),
+        ({"model": "resnet"}, "model"),
+        ({"seeds": 0}, "seeds"),
+    ],
+)
+def test_config_rejects_bad_settings(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DemoConfig(**kwargs).validate()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("demo")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["demo", "--quick", "--out", str(out), "--progress", "plain"])
+    return rc, stdout.getvalue(), stderr.getvalue(), out
+
+
+@pytest.mark.slow
+def test_demo_quick_prints_the_table(quick_run) -> None:  # type: ignore[no-untyped-def]
+    rc, stdout, stderr, _ = quick_run
+    assert rc == 0, stderr
+    lines = stdout.splitlines()
+    header = next(line for line in lines if "Method" in line and "Acc. %" in line)
+    for col in ("Δ acc. (p)", "NLL", "Δ NLL (p)", "ECE %", "Δ ECE (p)", "s/seed"):
+        assert col in header
+    rows = {line.split()[0]: line for line in lines
+            if line.split() and line.split()[0] in {"SGD", "SWA", "EMA", "SWAG"} and "±" in line}
+    assert {"SGD", "SWA", "EMA"} <= set(rows)
+    for label, row in rows.items():
+        assert len(re.findall(r"\d+\.\d+ ± \d+\.\d+", row)) == 3, row  # acc, NLL, ECE
+        if label != "SGD":
+            assert len(re.findall(r"[+−]\d+\.\d+ \((?:<0\.001|\d\.\d{3}|n/a)\)", row)) == 3, row
+    assert "Wall time:" in stdout
+    assert "seed 0: test accuracy" in stderr  # progress goes to stderr
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_the_files(quick_run) -> None:  # type: ignore[no-untyped-def]
+    rc, stdout, _, out = quick_run
+    assert rc == 0
+    for name in ("results.md", "results.json", "lr_schedule.png", "test_error.png", "reliability.png"):
+        path = out / name
+        assert path.is_file(), name
+        assert str(path) in stdout  # the printed file list names it
+    for name in ("lr_schedule.png", "test_error.png", "reliability.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    assert not list(out.glob(".*tmp"))  # atomic writes leave no temporary behind
+    md = (out / "results.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| Method | Acc. % |")
+    assert len(table) == 2 + sum(1 for line in table[2:] if line.startswith("| S") or line.startswith("| E"))
+    result = json.loads((out / "results.json").read_text())
+    assert result["config"]["seeds"] == 2
+    assert result["config"]["epochs"] == 8
+    methods = result["methods"]
+    assert {"sgd", "swa", "ema"} <= set(methods)
+    for key, entry in methods.items():
+        for metric in ("accuracy", "nll", "ece", "train_time_s"):
+            assert len(entry[metric]["per_seed"]) == 2
+            assert entry[metric]["mean"] == pytest.approx(sum(entry[metric]["per_seed"]) / 2)
+        if key != "sgd":
+            vs = entry["vs_sgd"]["accuracy"]
+            assert vs["diff_mean"] == pytest.approx(
+                entry["accuracy"]["mean"] - methods["sgd"]["accuracy"]["mean"])
+            if vs["p_value"] is None:  # differences identical in both seeds: t undefined
+                assert vs["diff_std"] == 0.0
+            else:
+                assert 0.0 <= vs["p_value"] <= 1.0
+    assert len(result["lr_schedules"]["swa"]) == 8
+    assert len(methods["sgd"]["test_error_curve"]["mean"]) == 8
+
+
+def test_demo_json_without_matplotlib(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    rc = main(["demo", "--dataset", "digits", "--seeds", "1", "--epochs", "4", "--methods", "swa",
+               "--out", str(tmp_path), "--progress", "none", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    result = json.loads(captured.out)
+    assert set(result["methods"]) == {"sgd", "swa"}
+    assert result["methods"]["swa"]["vs_sgd"]["accuracy"]["p_value"] is None  # one seed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
+    md = (tmp_path / "results.md").read_text()
+    assert "run with --seeds 3 or more" in md
+
+
+def test_demo_text_without_matplotlib_says_how_to_get_plots(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    rc = main(["demo", "--dataset", "digits", "--seeds", "1", "--epochs", "3", "--methods", "ema",
+               "--out", str(tmp_path), "--progress", "none"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "pip install 'weightavg[demo]'" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "swa,adam"], "methods='adam' is invalid"),
+        (["--swa-start", "0.99", "--epochs", "4"], "swa_start=0.99 is invalid"),
+    ],
+)
+def test_demo_bad_options_fail_with_one_line(argv: list[str], message: str, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    rc = main(["demo", "--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
