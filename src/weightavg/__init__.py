@@ -7,6 +7,7 @@ from ._bn import has_running_stats, recompute_bn
 from ._duration import Duration
 from ._engine import Averager, canonical_name, named_tensors, unwrap_model
 from ._errors import ConfigError, MismatchError, NonFiniteError, StateError, WeightAvgError
+from ._policy import EMA, SWA, AveragingPolicy
 from ._rules import (
     Rule,
     UpdateInfo,
@@ -18,20 +19,32 @@ from ._rules import (
     mean,
     sigma_rel_to_gamma,
 )
+from ._schedules import SWAAnnealLR, SWACyclicLR
+from .swag import SWAG, MultiSWA, MultiSWAG, SubspaceInference, bma_predict
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMA",
+    "SWA",
+    "SWAG",
     "Averager",
+    "AveragingPolicy",
     "ConfigError",
     "Duration",
     "MismatchError",
+    "MultiSWA",
+    "MultiSWAG",
     "NonFiniteError",
     "Rule",
+    "SWAAnnealLR",
+    "SWACyclicLR",
     "StateError",
+    "SubspaceInference",
     "UpdateInfo",
     "WeightAvgError",
     "__version__",
+    "bma_predict",
     "canonical_name",
     "custom",
     "ema",

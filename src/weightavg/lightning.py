@@ -1,0 +1,362 @@
+"""Lightning callbacks for weight averaging: thin shells over :mod:`weightavg` policies.
+
+Import this module explicitly (``import weightavg.lightning``); ``import weightavg`` never loads
+Lightning. Every decision is taken by the policy (:class:`weightavg.SWA`, :class:`weightavg.EMA`);
+the callback only turns the trainer's events into policy calls:
+
+* train start -> ``policy.begin(module, optimizers, total_steps, steps_per_epoch, bn_data)``; the
+  policy hooks the optimizers, so updates follow real optimizer steps (gradient accumulation,
+  skipped AMP steps, several optimizers and manual optimization all count correctly);
+* last training batch of an epoch -> ``policy.on_epoch_end()`` (before the epoch's validation, so
+  validation sees the epoch's snapshot);
+* validation -> run inside ``policy.averaged()`` (BatchNorm statistics recomputed when stale), with
+  the training weights, or both (averaged metrics logged under ``policy.log_prefix``);
+* checkpoints -> ``state_dict`` holds the averaged weights (what ``load_from_checkpoint`` gives),
+  ``current_model_state`` the training weights, the callback state the policy's counters and
+  averages; resuming continues exactly;
+* train end -> ``policy.end()``: final BatchNorm refresh, the module holds the averaged weights.
+
+Example:
+    >>> import lightning.pytorch as pl
+    >>> from weightavg.lightning import SWA, EMA, StochasticWeightAveraging
+    >>> trainer = pl.Trainer(max_epochs=3, callbacks=[SWA(swa_start="1ep", swa_end="2ep",
+    ...                                                   update_interval="5ba")])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+
+from ._duration import Duration
+from ._errors import bad_arg
+from ._policy import EMA as _EMAPolicy
+from ._policy import SWA as _SWAPolicy
+from ._policy import AveragingPolicy
+
+__all__ = ["EMA", "SWA", "StochasticWeightAveraging", "WeightAveraging"]
+
+
+class _TrainBatches:
+    """The trainer's training batches, looked up when iterated (they exist only once fit runs)."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.trainer = trainer
+
+    def __iter__(self) -> Iterator[Any]:
+        loaders = self.trainer.train_dataloader
+        if loaders is None:
+            return iter(())
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0]
+        elif isinstance(loaders, dict):
+            loaders = next(iter(loaders.values()))
+        return iter(loaders)
+
+
+class WeightAveraging(Callback):
+    """A Lightning callback driving one averaging policy.
+
+    Args:
+        policy: a :class:`weightavg.SWA`, :class:`weightavg.EMA` or other
+            :class:`weightavg.AveragingPolicy` (its options choose what validation sees, what
+            the module holds at the end, BatchNorm refreshes...).
+        target: dotted attribute of the LightningModule to average (e.g. ``"generator"``,
+            ``"student"``); default: the whole module. Only optimizers holding parameters of the
+            target are hooked.
+        bn_data: batches for BatchNorm recomputation (default: the training dataloader).
+        bn_forward_fn: ``fn(module, batch)`` running one batch for BatchNorm recomputation
+            (default: ``module(batch[0])`` for tuples, ``module(**batch)`` for dicts).
+
+    To choose when to update, override ``should_update(step_idx=None, epoch_idx=None)`` here
+    (Lightning's convention) or on the policy.
+    """
+
+    def __init__(
+        self,
+        policy: AveragingPolicy,
+        *,
+        target: str | None = None,
+        bn_data: Iterable[Any] | None = None,
+        bn_forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    ) -> None:
+        if not isinstance(policy, AveragingPolicy):
+            raise bad_arg("policy", type(policy).__name__, "a weightavg policy such as weightavg.SWA(...)")
+        if target is not None and not (isinstance(target, str) and target):
+            raise bad_arg("target", target, "a dotted attribute name of the LightningModule or None")
+        self.policy = policy
+        self.target = target
+        self._bn_data = bn_data
+        self._bn_forward_fn = bn_forward_fn
+        self._epoch_fired: int | None = None  # trainer.current_epoch whose end was reported
+        self._restored = False  # state came from a checkpoint for the coming fit
+        self._eval_stack = contextlib.ExitStack()
+        self._patched_loop: tuple[Any, Any] | None = None
+        # fixed at construction (the policy's times may be settled later), distinct for every
+        # configuration: several averaging callbacks can share a checkpoint
+        self._state_key = self._generate_state_key(policy=repr(policy), target=target)
+        if type(self).should_update is not WeightAveraging.should_update:
+            policy.should_update = self.should_update  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ policy hook
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """Whether to update after step ``step_idx`` / epoch ``epoch_idx`` (default: the policy's)."""
+        return type(self.policy).should_update(self.policy, step_idx=step_idx, epoch_idx=epoch_idx)
+
+    @property
+    def state_key(self) -> str:
+        return self._state_key
+
+    def _module(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.target is None:
+            return pl_module
+        try:
+            module = operator.attrgetter(self.target)(pl_module)
+        except AttributeError as err:
+            raise bad_arg("target", self.target, f"an attribute of {type(pl_module).__name__}") from err
+        if not isinstance(module, nn.Module):
+            raise bad_arg("target", self.target, "the name of a torch.nn.Module attribute")
+        return module
+
+    # ------------------------------------------------------------------ fit
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # not on_fit_start: the training data and the restored loop state (a resumable dataloader's
+        # position) must be in place before the trainer is asked for its number of batches
+        if not self._restored:
+            self._epoch_fired = None  # a fresh fit (the policy starts from scratch too)
+        self._restored = False
+        model = self._module(pl_module)
+        owned = {id(p) for p in model.parameters()}
+        optimizers = [o for o in trainer.optimizers
+                      if any(id(p) in owned for g in o.param_groups for p in g["params"])]
+        optimizers = optimizers or list(trainer.optimizers)  # a target no optimizer updates
+        total = trainer.estimated_stepping_batches
+        total_steps = int(total) if isinstance(total, (int, float)) and math.isfinite(total) and total > 0 else None
+        n_batches = trainer.num_training_batches
+        steps_per_epoch = (math.ceil(n_batches / trainer.accumulate_grad_batches)
+                           if isinstance(n_batches, (int, float)) and math.isfinite(n_batches) and n_batches > 0
+                           else None)
+        self._configure(trainer)
+        self.policy.begin(
+            model, optimizers, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+            bn_data=self._bn_data if self._bn_data is not None else _TrainBatches(trainer),
+            bn_forward_fn=self._bn_forward_fn, bn_device=pl_module.device,
+        )
+        if self.policy.eval_with == "both":
+            self._patch_validation(trainer, pl_module)
+
+    def _configure(self, trainer: pl.Trainer) -> None:
+        """Settle arguments that depend on the trainer (hook for subclasses)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch or progress.current.ready == trainer.num_training_batches:
+            self._epoch_end(trainer)  # before the epoch-end validation runs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_end(trainer)
+
+    def _epoch_end(self, trainer: pl.Trainer) -> None:
+        if self._epoch_fired != trainer.current_epoch and self.policy.active:
+            self._epoch_fired = trainer.current_epoch
+            self.policy.on_epoch_end()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_stack.close()
+        self._unpatch_validation()
+        self.policy.end()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._eval_stack.close()
+        self._unpatch_validation()
+        self.policy.detach()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._eval_stack.close()
+        self._unpatch_validation()
+
+    # ------------------------------------------------------------------ validation
+
+    def _fitting(self, trainer: pl.Trainer) -> bool:
+        p = self.policy
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and p.active
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.policy.eval_with == "averaged" and self._fitting(trainer) and self.policy.has_average:
+            self._eval_stack.enter_context(self.policy.averaged())
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_stack.close()
+
+    def _patch_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``eval_with="both"``: each validation runs first with the averaged weights, metrics
+        prefixed and other callbacks hidden, then normally (so checkpoint/early-stopping
+        callbacks see both sets of metrics, once)."""
+        self._unpatch_validation()
+        loop = trainer.fit_loop.epoch_loop.val_loop
+        original = loop.run
+
+        def run() -> Any:
+            if self._fitting(trainer) and self.policy.has_average:
+                self._averaged_validation(trainer, pl_module, original)
+            return original()
+
+        loop.run = run  # type: ignore[method-assign]
+        self._patched_loop = (loop, original)
+
+    def _unpatch_validation(self) -> None:
+        if self._patched_loop is not None:
+            loop, _ = self._patched_loop
+            with contextlib.suppress(AttributeError):
+                del loop.run  # the instance attribute; the class method shows again
+            self._patched_loop = None
+
+    def _averaged_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             run: Callable[[], Any]) -> None:
+        prefix = self.policy.log_prefix
+        log = pl_module.log
+        host: Any = trainer  # Trainer.callbacks is a plain attribute the stubs do not declare
+        callbacks = host.callbacks
+
+        def prefixed_log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            log(prefix + name, value, *args, **kwargs)
+
+        try:
+            host.callbacks = []
+            pl_module.log = prefixed_log  # type: ignore[method-assign]
+            with self.policy.averaged():
+                run()
+        finally:
+            host.callbacks = callbacks
+            del pl_module.log
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy.state_dict(), "epoch_fired": self._epoch_fired}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state_dict["policy"])
+        self._epoch_fired = state_dict.get("epoch_fired")
+        self._restored = True
+
+    def _writes_weights(self) -> bool:
+        p = self.policy
+        return p.eval_with != "training" or p.final == "averaged"
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        p = self.policy
+        if not p.active or not p.has_average or not self._writes_weights():
+            return
+        averaged = p.export_state_dict()
+        prefix = f"{self.target}." if self.target else ""
+        training: dict[str, Tensor] = checkpoint["state_dict"]
+        checkpoint.setdefault("current_model_state", training)
+        merged = dict(training)
+        for k, v in averaged.items():
+            if prefix + k in merged:
+                merged[prefix + k] = v
+        checkpoint["state_dict"] = merged
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        current = checkpoint.get("current_model_state")
+        if current is not None and trainer.state.fn == TrainerFn.FITTING:
+            pl_module.load_state_dict(current)
+
+
+class SWA(WeightAveraging):
+    """Lightning callback for :class:`weightavg.SWA` (same arguments, plus ``target``,
+    ``bn_data`` and ``bn_forward_fn``).
+
+    Example:
+        >>> cb = SWA(swa_start="1ep", swa_end="2ep", update_interval="5ba")  # doctest: +SKIP
+    """
+
+    def __init__(self, *args: Any, target: str | None = None, bn_data: Iterable[Any] | None = None,
+                 bn_forward_fn: Callable[[nn.Module, Any], Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(_SWAPolicy(*args, **kwargs), target=target, bn_data=bn_data,
+                         bn_forward_fn=bn_forward_fn)
+
+
+class EMA(WeightAveraging):
+    """Lightning callback for :class:`weightavg.EMA` (same arguments, plus ``target``,
+    ``bn_data`` and ``bn_forward_fn``).
+
+    Example:
+        >>> cb = EMA(half_life="50ba")  # doctest: +SKIP
+    """
+
+    def __init__(self, *args: Any, target: str | None = None, bn_data: Iterable[Any] | None = None,
+                 bn_forward_fn: Callable[[nn.Module, Any], Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(_EMAPolicy(*args, **kwargs), target=target, bn_data=bn_data,
+                         bn_forward_fn=bn_forward_fn)
+
+
+class StochasticWeightAveraging(SWA):
+    """Drop-in for ``lightning.pytorch.callbacks.StochasticWeightAveraging``, without its defects.
+
+    Takes Lightning's arguments; differences: ``swa_lrs`` may be ``None`` (the learning rate is
+    then left alone), your LR scheduler keeps running (the SWA rate is set before each optimizer
+    step inside the SWA phase), any number of optimizers, ``max_steps`` and iterable datasets
+    work, validation sees the averaged weights with fresh BatchNorm statistics, the snapshots are
+    the ends of epochs ``swa_start ... last`` (no pre-SWA snapshot, the last epoch included), and
+    there is no extra BatchNorm epoch (statistics are recomputed from at most ``bn_batches``
+    training batches, without an optimizer step).
+
+    Args:
+        swa_lrs: the SWA learning rate: a float or one per param group (``None``: untouched).
+        swa_epoch_start: int ``n`` (> 0): SWA starts at the ``n``-th epoch (0-based index
+            ``n − 1``); float in (0, 1]: at epoch ``int(f · max_epochs)`` (1-based), or at
+            fraction ``f`` of ``max_steps`` when training is bounded by steps only.
+        annealing_epochs: epochs of the anneal to ``swa_lrs``.
+        annealing_strategy: ``"cos"`` or ``"linear"``.
+        avg_fn: ``avg_fn(averaged, new, num_averaged) -> Tensor`` per tensor (default: equal mean).
+        device: where the average lives (default: with the module).
+        **kwargs: more :class:`weightavg.SWA` options (``eval_with``, ``bn_batches``, ``target``...).
+    """
+
+    def __init__(
+        self,
+        swa_lrs: float | Sequence[float] | None = None,
+        swa_epoch_start: int | float = 0.8,
+        annealing_epochs: int = 10,
+        annealing_strategy: str = "cos",
+        avg_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(swa_epoch_start, bool) or not isinstance(swa_epoch_start, (int, float)):
+            raise bad_arg("swa_epoch_start", swa_epoch_start, "an int > 0 or a float in (0, 1]")
+        if isinstance(swa_epoch_start, int):
+            if swa_epoch_start < 1:
+                raise bad_arg("swa_epoch_start", swa_epoch_start, "an int > 0 or a float in (0, 1]")
+            start: Any = Duration(swa_epoch_start - 1, "ep")
+        else:
+            if not 0.0 < swa_epoch_start <= 1.0:
+                raise bad_arg("swa_epoch_start", swa_epoch_start, "an int > 0 or a float in (0, 1]")
+            start = Duration(swa_epoch_start, "dur")  # settled against max_epochs at fit start
+        if isinstance(annealing_epochs, bool) or not isinstance(annealing_epochs, int) or annealing_epochs < 0:
+            raise bad_arg("annealing_epochs", annealing_epochs, "a non-negative int")
+        self.swa_epoch_start = swa_epoch_start
+        super().__init__(swa_start=start, swa_lr=swa_lrs, anneal_steps=Duration(annealing_epochs, "ep"),
+                         anneal_strategy=annealing_strategy, avg_fn=avg_fn, device=device, **kwargs)
+
+    def _configure(self, trainer: pl.Trainer) -> None:
+        f = self.swa_epoch_start
+        if isinstance(f, float) and trainer.max_epochs is not None and trainer.max_epochs > 0:
+            # Lightning's rule: the int(f * max_epochs)-th epoch (1-based)
+            self.policy.window_start = Duration(max(int(trainer.max_epochs * f) - 1, 0), "ep")
