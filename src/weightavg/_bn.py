@@ -182,6 +182,4 @@ def recompute_bn(
             m.running_mean.copy_(mean.to(m.running_mean.dtype))
         if m.running_var is not None:
             m.running_var.copy_(var.to(m.running_var.dtype))
-        if m.num_batches_tracked is not None:
-            m.num_batches_tracked.add_(1)
     return n_samples

@@ -106,10 +106,16 @@ def _parse(name: str, value: TimeLike | None, *, allow_none: bool = False) -> Du
 
 
 def _unwrap_optimizer(opt: Any, i: int) -> Optimizer:
-    seen = 0
-    while not isinstance(opt, Optimizer) and hasattr(opt, "optimizer") and seen < 4:
-        opt = opt.optimizer  # Lightning/accelerate wrappers
-        seen += 1
+    """The optimizer that really steps, under Lightning's and accelerate's wrappers.
+
+    accelerate's ``AcceleratedOptimizer`` subclasses ``Optimizer`` without its hook tables, so an
+    ``Optimizer`` holding another ``Optimizer`` in ``.optimizer`` is looked through too.
+    """
+    for _ in range(4):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or (isinstance(opt, Optimizer) and not isinstance(inner, Optimizer)):
+            break
+        opt = inner
     if not isinstance(opt, Optimizer):
         raise bad_arg(f"optimizers[{i}]", type(opt).__name__, "a torch.optim.Optimizer")
     return opt

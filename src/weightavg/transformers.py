@@ -77,24 +77,9 @@ def _writes_weights(policy: AveragingPolicy) -> bool:
     return policy.eval_with != "training" or policy.final == "averaged"
 
 
-def _real_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer under accelerate's ``AcceleratedOptimizer``.
-
-    ``AcceleratedOptimizer`` subclasses ``torch.optim.Optimizer`` without its hook tables, so it
-    must be looked through here: hooks go on the optimizer that really steps (and that AMP's
-    GradScaler skips).
-    """
-    for _ in range(4):
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            break
-        optimizer = inner
-    return optimizer
-
-
 def _active(policy: AveragingPolicy) -> bool:
     """Begun, not ended, and holding at least one snapshot."""
-    return policy.model is not None and not policy._ended and policy.has_average
+    return policy.active and policy.has_average
 
 
 class _BNBatches:
@@ -237,7 +222,7 @@ class WeightAveraging(TrainerCallback):
         total_steps = state.max_steps if state.max_steps and state.max_steps > 0 else None
         batch = getattr(trainer, "_train_batch_size", None) or args.per_device_train_batch_size
         self.policy.begin(
-            model, _real_optimizer(optimizer) if optimizer is not None else None,
+            model, optimizer,
             total_steps=total_steps, steps_per_epoch=steps_per_epoch,
             samples_per_step=int(batch * gas * max(args.world_size, 1)),
             bn_data=self._bn_data if self._bn_data is not None else _BNBatches(trainer),
@@ -253,7 +238,7 @@ class WeightAveraging(TrainerCallback):
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         p = self.policy
-        if p.model is None or p._ended or state.global_step <= self._epoch_mark:
+        if not p.active or state.global_step <= self._epoch_mark:
             return  # not training, or a pass without a single step
         epoch = float(state.epoch or 0.0)
         complete = abs(epoch - round(epoch)) < 1e-9  # the pass reached the end of the data
@@ -266,7 +251,7 @@ class WeightAveraging(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
-        if self.policy.model is not None and not self.policy._ended:
+        if self.policy.active:
             self.policy.end()
 
 
