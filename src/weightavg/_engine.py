@@ -219,14 +219,7 @@ class Averager:
             if not isinstance(slot, str) or not isinstance(r, Rule):
                 raise bad_arg(f"rule[{slot!r}]" if len(rules) > 1 else "rule", r,
                               "a weightavg rule such as weightavg.mean() or weightavg.ema(0.999)")
-        if params not in ("all", "trainable"):
-            raise bad_arg("params", params, "'all' or 'trainable'")
-        if buffers not in ("average", "copy", "ignore"):
-            raise bad_arg("buffers", buffers, "'average', 'copy' or 'ignore'")
-        if nonfinite not in ("raise", "skip", "allow"):
-            raise bad_arg("nonfinite", nonfinite, "'raise', 'skip' or 'allow'")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise bad_arg("dtype", dtype, "a floating torch.dtype or None")
+        check_options(params=params, buffers=buffers, nonfinite=nonfinite, dtype=dtype)
         self.rules: dict[str, Rule] = rules
         self.params = params
         self.include = _patterns("include", include)
@@ -891,6 +884,21 @@ class Averager:
         return (f"Averager(rule={rules!r}, params={self.params!r}, buffers={self.buffers!r}, "
                 f"dtype={self.dtype}, device={self.device}, nonfinite={self.nonfinite!r}, "
                 f"tracked={len(self._entries)} tensors/{n:,} elements, num_updates={self.num_updates})")
+
+
+def check_options(
+    *, params: object = "all", buffers: object = "average", nonfinite: object = "raise",
+    dtype: object = torch.float32,
+) -> None:
+    """Validate the Averager's option values (also used by layers that build an Averager later)."""
+    if params not in ("all", "trainable"):
+        raise bad_arg("params", params, "'all' or 'trainable'")
+    if buffers not in ("average", "copy", "ignore"):
+        raise bad_arg("buffers", buffers, "'average', 'copy' or 'ignore'")
+    if nonfinite not in ("raise", "skip", "allow"):
+        raise bad_arg("nonfinite", nonfinite, "'raise', 'skip' or 'allow'")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise bad_arg("dtype", dtype, "a floating torch.dtype or None")
 
 
 def _patterns(name: str, value: str | Sequence[str] | None) -> tuple[str, ...]:

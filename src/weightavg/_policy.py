@@ -196,12 +196,7 @@ class AveragingPolicy:
         if bn_batches is not None and (isinstance(bn_batches, bool) or not isinstance(bn_batches, int)
                                        or bn_batches <= 0):
             raise bad_arg("bn_batches", bn_batches, "a positive int or None (all batches)")
-        if params not in ("all", "trainable"):
-            raise bad_arg("params", params, "'all' or 'trainable'")
-        if buffers not in ("average", "copy", "ignore"):
-            raise bad_arg("buffers", buffers, "'average', 'copy' or 'ignore'")
-        if nonfinite not in ("raise", "skip", "allow"):
-            raise bad_arg("nonfinite", nonfinite, "'raise', 'skip' or 'allow'")
+        check_options(params=params, buffers=buffers, nonfinite=nonfinite)
         self.eval_with: EvalWith = eval_with
         self.final: Final = final
         self.recompute_bn = recompute_bn

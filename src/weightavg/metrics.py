@@ -68,7 +68,8 @@ def reliability(
 
     ``binning="width"``: equal-width bins on (0, 1], bin ``b`` holds ``edges[b] < conf <= edges[b+1]``
     (a confidence exactly on an edge goes to the lower bin; 0 goes to the first). ``"mass"``: bins
-    holding (nearly) equal numbers of samples, split by sorted confidence.
+    holding (nearly) equal numbers of samples, split by sorted confidence (sorted position ``i``
+    goes to bin ``floor(i·B/N)``; ``edges[b]`` is the largest confidence of bin ``b−1``).
     """
     if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
         raise bad_arg("num_bins", num_bins, "a positive int")
@@ -86,7 +87,9 @@ def reliability(
         idx = torch.empty(n, dtype=torch.long)
         idx[order] = torch.arange(n) * num_bins // n
         sorted_conf = conf[order]
-        cuts = [sorted_conf[(b * n) // num_bins] for b in range(1, num_bins)]
+        # edge b is the largest confidence of bin b-1 (its last sorted position is ceil(b·n/B) - 1),
+        # so that bin b holds edges[b] < conf <= edges[b+1] as for width bins (up to ties)
+        cuts = [sorted_conf[-(-b * n // num_bins) - 1] for b in range(1, num_bins)]
         edges = torch.tensor([0.0, *[float(c) for c in cuts], 1.0], dtype=torch.float64)
     count = torch.bincount(idx, minlength=num_bins).double()
     sconf = torch.bincount(idx, weights=conf, minlength=num_bins)

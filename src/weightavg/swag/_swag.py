@@ -46,6 +46,22 @@ def last_layer(model: nn.Module) -> list[str]:
     return [n for n, (t, is_p) in named_tensors(model).items() if is_p and id(t) in own]
 
 
+def model_targets(layout: Mapping[str, tuple[int, int, torch.Size]],
+                  model: nn.Module) -> dict[str, Tensor]:
+    """The model's tensor for each name of ``layout``, checked by name and shape."""
+    if not isinstance(model, nn.Module):
+        raise bad_arg("model", type(model).__name__, "a torch.nn.Module")
+    tensors = named_tensors(model)
+    missing = sorted(n for n in layout if n not in tensors)
+    reshaped = [(n, tuple(shape), tuple(tensors[n][0].shape))
+                for n, (_, _, shape) in layout.items()
+                if n in tensors and tensors[n][0].shape != shape]
+    if missing or reshaped:
+        raise MismatchError("model does not match the posterior's tensors (paired by name): "
+                            + describe_mismatch(missing, [], reshaped, left="posterior"))
+    return {n: tensors[n][0] for n in layout}
+
+
 def check_scale(scale: float) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
             or scale < 0:
@@ -173,6 +189,12 @@ class SWAG:
         self._head = (self._head + 1) % self.max_rank
         self._num_columns = min(self._num_columns + 1, self.max_rank)
 
+    def reset(self) -> None:
+        """Forget every collected snapshot (moments and columns); the configuration stays."""
+        self.averager.reset()
+        self._head = 0
+        self._num_columns = 0
+
     def _storage(self, device: torch.device) -> Tensor:
         if self._columns is None:
             self._columns = torch.zeros(self.max_rank, self.num_parameters,
@@ -265,25 +287,15 @@ class SWAG:
         k = self._num_columns
         if not diag_only and k >= 2 and self._columns is not None:
             z2 = torch.randn(k, generator=generator, dtype=noise.dtype, device=noise.device)
-            cols = self._columns
-            w = torch.zeros(self.max_rank, dtype=cols.dtype, device=cols.device)
-            w[self._order().to(cols.device)] = z2.to(cols.dtype)
-            noise.add_((w @ cols).to(noise.dtype), alpha=1.0 / math.sqrt(k - 1))
+            z2.div_(math.sqrt(k - 1))
+            # D z₂ one column at a time, oldest first: O(P) memory, float64 accumulation, and the
+            # same result whatever the ring buffer's rotation (e.g. after a state_dict round-trip)
+            for i, row in enumerate(self._order().tolist()):
+                noise.addcmul_(self._columns[row], z2[i : i + 1])
         return theta.add_(noise, alpha=math.sqrt(scale))
 
     def _targets(self, model: nn.Module) -> dict[str, Tensor]:
-        """The model's tensors for each tracked name (checked: names, shapes)."""
-        if not isinstance(model, nn.Module):
-            raise bad_arg("model", type(model).__name__, "a torch.nn.Module")
-        tensors = named_tensors(model)
-        missing = sorted(n for n in self._layout if n not in tensors)
-        reshaped = [(n, tuple(shape), tuple(tensors[n][0].shape))
-                    for n, (_, _, shape) in self._layout.items()
-                    if n in tensors and tensors[n][0].shape != shape]
-        if missing or reshaped:
-            raise MismatchError("model does not match the posterior's tensors (paired by name): "
-                                + describe_mismatch(missing, [], reshaped, left="posterior"))
-        return {n: tensors[n][0] for n in self._layout}
+        return model_targets(self._layout, model)
 
     @torch.no_grad()
     def write(self, model: nn.Module, flat: Tensor) -> None:
