@@ -129,3 +129,9 @@ def test_bad_shapes() -> None:
         metrics.brier(PROBS, LABELS[:3])
     with pytest.raises(wa.ConfigError, match="at least one row"):
         metrics.accuracy(PROBS[:0], LABELS[:0])
+
+
+def test_out_of_range_labels_get_a_clear_error() -> None:
+    probs = torch.full((3, 4), 0.25)
+    with pytest.raises(wa.ConfigError, match=r"labels=\[4\] is invalid: expected integer class indices in \[0, 3\]"):
+        metrics.nll(probs, torch.tensor([0, 4, 1]))

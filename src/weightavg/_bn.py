@@ -79,6 +79,8 @@ def recompute_bn(
     num_batches: int | None = None,
     device: torch.device | str | None = None,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    sync_ranks: bool = False,
+    process_group: Any = None,
 ) -> int:
     """Recompute the running statistics of every normalisation layer from ``data``.
 
@@ -96,9 +98,14 @@ def recompute_bn(
         num_batches: stop after this many batches (default: all).
         device: move each batch there first.
         forward_fn: ``forward_fn(model, batch)`` runs the model on one batch.
+        sync_ranks: pool the statistics over the ranks of ``process_group`` (torch.distributed),
+            so every rank ends with the statistics of all ranks' batches together (one collective;
+            every rank must call). Ignored when torch.distributed is not initialised.
+        process_group: the group for ``sync_ranks`` (default: the world).
 
     Returns:
-        The number of samples the statistics were computed from (0 if the model has no such layer).
+        The number of samples the statistics were computed from, on this rank (0 if the model has
+        no such layer).
     """
     if not isinstance(model, nn.Module):
         raise bad_arg("model", type(model).__name__, "a torch.nn.Module")
@@ -167,6 +174,8 @@ def recompute_bn(
             m.training = mode
         for m, mom in momenta.items():
             m.momentum = mom
+    if sync_ranks:
+        _pool_across_ranks(layers, sums, process_group)
     for m in layers:
         s_mu, s_sq, n = sums[m][:3]
         if n == 0:
@@ -183,3 +192,28 @@ def recompute_bn(
         if m.running_var is not None:
             m.running_var.copy_(var.to(m.running_var.dtype))
     return n_samples
+
+
+def _pool_across_ranks(layers: list[Any], sums: dict[Any, list[Any]], group: Any) -> None:
+    """Sum every layer's (Σ n·μ, Σ n·E[x²], n) over the ranks, in one all_reduce."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
+        return
+    parts = []
+    for m in layers:
+        c = (m.running_mean if m.running_mean is not None else m.running_var).numel()
+        s_mu, s_sq, n = sums[m][:3]
+        zeros = torch.zeros(c, dtype=torch.float64, device=(m.running_mean if m.running_mean is not None
+                                                            else m.running_var).device)
+        parts += [s_mu if s_mu is not None else zeros, s_sq if s_sq is not None else zeros,
+                  torch.tensor([float(n)], dtype=torch.float64, device=zeros.device)]
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    dist.all_reduce(flat, group=group)
+    off = 0
+    for m in layers:
+        c = (m.running_mean if m.running_mean is not None else m.running_var).numel()
+        sums[m][0] = flat[off : off + c]
+        sums[m][1] = flat[off + c : off + 2 * c]
+        sums[m][2] = round(float(flat[off + 2 * c]))
+        off += 2 * c + 1

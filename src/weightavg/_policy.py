@@ -66,7 +66,7 @@ from torch.optim import Optimizer
 
 from ._bn import _stat_layers, recompute_bn
 from ._duration import Duration
-from ._engine import Averager, canonical_name, named_tensors, unwrap_model
+from ._engine import Averager, canonical_name, check_options, named_tensors, unwrap_model
 from ._errors import ConfigError, StateError, bad_arg
 from ._rules import Rule, ema, ema_warmup, inplace, mean
 from ._schedules import anneal_factor, group_lr, per_group, swa_anneal_lr, swa_cyclic_lr
@@ -594,9 +594,8 @@ class AveragingPolicy:
         """Recompute BN statistics of the weights now in the model (RNG and modes preserved)."""
         assert self.model is not None and self._bn_data is not None
         with torch.random.fork_rng(devices=[]):
-            n = recompute_bn(self.model, self._bn_data, num_batches=self.bn_batches,
-                             device=self._bn_device, forward_fn=self._bn_forward)
-        _sync_bn_across_ranks(self.model, n)
+            recompute_bn(self.model, self._bn_data, num_batches=self.bn_batches,
+                         device=self._bn_device, forward_fn=self._bn_forward, sync_ranks=True)
 
     @contextlib.contextmanager
     def averaged(self) -> Iterator[nn.Module]:
@@ -714,34 +713,6 @@ class AveragingPolicy:
         return (f"{type(self).__name__}({self._extra_repr()}{self._start_name}='{self.window_start}', "
                 f"{self._end_name}={end}, update_interval='{self.update_interval}', "
                 f"eval_with={self.eval_with!r}, final={self.final!r}, name={self.name!r})")
-
-
-def _sync_bn_across_ranks(model: nn.Module, n_samples: int) -> None:
-    """Make recomputed statistics identical on every rank: pooled mean and variance."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return
-    layers = _stat_layers(model)
-    if not layers:
-        return
-    w = torch.tensor([float(n_samples)], dtype=torch.float64)
-    dist.all_reduce(w)
-    total = float(w.item())
-    if total <= 0:
-        return
-    for m in layers:
-        rm, rv = m.running_mean, m.running_var
-        if rm is None or rv is None:
-            continue
-        mu = rm.double() * n_samples
-        sq = (rv.double() + rm.double() ** 2) * n_samples
-        packed = torch.stack([mu, sq]).to(rm.device)
-        dist.all_reduce(packed)
-        mean = packed[0] / total
-        var = (packed[1] / total - mean * mean).clamp_min(0.0)
-        rm.copy_(mean.to(rm.dtype))
-        rv.copy_(var.to(rv.dtype))
 
 
 @dataclass
