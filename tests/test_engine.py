@@ -207,9 +207,12 @@ class ManySmall(nn.Module):
         return x
 
 
-def test_packed_and_big_paths_agree_with_slow_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Force several scratch chunks and the chunked path for big tensors; compare with a loop."""
-    monkeypatch.setattr(_engine, "_SCRATCH", 1000)
+@pytest.mark.parametrize("scratch", [pytest.param(1000, id="unstaged-check"), pytest.param(1 << 20, id="staged")])
+def test_packed_and_big_paths_agree_with_slow_loop(monkeypatch: pytest.MonkeyPatch, scratch: int) -> None:
+    """Force several chunks, both check modes and the chunked big path; compare with a loop."""
+    monkeypatch.setattr(_engine, "_CHUNK", 300)
+    monkeypatch.setattr(_engine, "_SCRATCH", scratch)
+    monkeypatch.setattr(_engine, "_BIG_CHUNK", 40_000)
     model = ManySmall()
     avg = wa.Averager(model, rule=wa.ema(decay=0.7))
     g = avg._groups[0]
@@ -607,3 +610,71 @@ def test_repr_and_summary(convbn: ConvBN) -> None:
     s = avg.summary()
     assert "averaged in float32" in s and "buffers='average'" in s and "1 copied" in s
     assert math.isfinite(len(s))
+
+
+# ----------------------------------------------------------------------------- contiguous sources
+
+
+def _twin_models(dtype: torch.dtype = torch.float32) -> tuple[ManySmall, ManySmall]:
+    a = ManySmall(blocks=12).to(dtype)
+    b = copy.deepcopy(a)
+    wa.make_contiguous(b)
+    return a, b
+
+
+def test_make_contiguous_keeps_parameters_values_and_optimizer() -> None:
+    a, b = _twin_models()
+    params_before = list(b.parameters())
+    opt = torch.optim.SGD(b.parameters(), lr=0.1)
+    wa.make_contiguous(b)  # idempotent
+    assert [id(p) for p in b.parameters()] == [id(p) for p in params_before]
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+    storages = {p.untyped_storage().data_ptr() for p in b.parameters()}
+    assert len(storages) == 1
+    b(torch.randn(2, 4, 5)).sum().backward()
+    opt.step()  # the optimizer still updates the (moved) parameters
+    assert not torch.equal(b.blocks[0][0].weight, a.blocks[0][0].weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contiguous_sources_take_one_span_and_match_packed_path(dtype: torch.dtype) -> None:
+    a, b = _twin_models(dtype)
+    rules = {"ema": wa.ema(decay=0.8), "swa": wa.mean()}
+    avg_a, avg_b = wa.Averager(a, rule=rules), wa.Averager(b, rule=rules)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        with torch.no_grad():
+            for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+                d = torch.randn(pa.shape, generator=g).to(dtype)
+                pa.add_(d)
+                pb.add_(d)
+        avg_a.update(a)
+        avg_b.update(b)
+    binding = avg_b._bindings[id(b)]
+    assert all(s is not None for s, grp in zip(binding.spans, avg_b._groups, strict=True) if grp.averaged)
+    assert all(s is None for s in avg_a._bindings[id(a)].spans)
+    for slot in rules:
+        for n, t in avg_a.averaged_tensors(slot).items():
+            assert torch.equal(avg_b.averaged_tensors(slot)[n], t), (slot, n)
+
+
+def test_contiguous_path_refuses_nonfinite_and_falls_back_when_tiling_breaks() -> None:
+    a, b = _twin_models()
+    avg_a, avg_b = wa.Averager(a, rule=wa.ema(decay=0.5)), wa.Averager(b, rule=wa.ema(decay=0.5))
+    avg_a.update(a)
+    avg_b.update(b)
+    with torch.no_grad():
+        b.blocks[3][1].bias[0] = float("nan")
+    with pytest.raises(wa.NonFiniteError, match=r"blocks\.3\.1\.bias"):
+        avg_b.update(b)
+    with torch.no_grad():
+        b.blocks[3][1].bias[0] = a.blocks[3][1].bias[0]
+        b.blocks[5][0].weight.data = b.blocks[5][0].weight.data.clone() + 1.0  # breaks the tiling
+        a.blocks[5][0].weight.add_(1.0)
+    avg_b.refresh()
+    avg_a.update(a)
+    avg_b.update(b)
+    assert avg_b._bindings[id(b)].spans[0] is None  # generic path now
+    for n, t in avg_a.averaged_tensors().items():
+        assert torch.equal(avg_b.averaged_tensors()[n], t), n

@@ -21,7 +21,8 @@ def _loaded(imports: str) -> set[str]:
 def test_import_loads_no_optional_dependency() -> None:
     """Nothing beyond what `import torch` itself loads (torch 2.13 loads numpy and tqdm)."""
     baseline = _loaded("import torch")
-    ours = _loaded("import weightavg, weightavg.swa_utils, weightavg.lowp, weightavg.metrics, weightavg.functional")
+    ours = _loaded("import weightavg, weightavg.swa_utils, weightavg.lowp, weightavg.metrics, "
+                   "weightavg.functional")
     assert ours - baseline == set()
 
 
@@ -29,7 +30,7 @@ PUBLIC = [
     "EMA", "SWA", "SWAG", "Averager", "AveragingPolicy", "ConfigError", "Duration", "MismatchError",
     "MultiSWA", "MultiSWAG", "NonFiniteError", "Rule", "SWAAnnealLR", "SWACyclicLR", "StateError",
     "SubspaceInference", "UpdateInfo", "WeightAvgError", "__version__", "bma_predict", "canonical_name",
-    "custom", "ema", "ema_warmup", "has_running_stats", "inplace", "karras_ema", "mean", "named_tensors",
+    "custom", "ema", "ema_warmup", "has_running_stats", "inplace", "karras_ema", "make_contiguous", "mean", "named_tensors",
     "recompute_bn", "sigma_rel_to_gamma", "unwrap_model",
 ]
 

@@ -5,7 +5,7 @@ The public API is what this module lists in ``__all__``; everything else is priv
 
 from ._bn import has_running_stats, recompute_bn
 from ._duration import Duration
-from ._engine import Averager, canonical_name, named_tensors, unwrap_model
+from ._engine import Averager, canonical_name, make_contiguous, named_tensors, unwrap_model
 from ._errors import ConfigError, MismatchError, NonFiniteError, StateError, WeightAvgError
 from ._policy import EMA, SWA, AveragingPolicy
 from ._rules import (
@@ -52,6 +52,7 @@ __all__ = [
     "has_running_stats",
     "inplace",
     "karras_ema",
+    "make_contiguous",
     "mean",
     "named_tensors",
     "recompute_bn",

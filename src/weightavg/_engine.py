@@ -9,7 +9,8 @@ Layout (why it is fast):
     view into it. Small tensors (< 64Ki elements) are stored first and updated *packed*: one
     ``torch.cat`` gathers them into a bounded scratch buffer (≤ 1Mi elements, allocated once) and one
     ``lerp_`` per rule updates the whole run. Big tensors of the average's own dtype are updated with
-    one ``torch._foreach_lerp_`` per rule; others stream through the scratch in chunks. An update
+    one ``torch._foreach_lerp_`` per rule; others stream through the scratch in chunks. Packed runs
+    are gathered and applied 64Ki elements at a time, so each run is still in L2 when it is used. An update
     therefore costs a handful of kernel launches per group, whatever the number of tensors, never
     allocates a temporary the size of the model, and reads every source tensor once (twice with the
     non-finite check when the packed tensors do not fit the scratch at once).
@@ -31,11 +32,13 @@ from torch import Tensor, nn
 from ._errors import MismatchError, NonFiniteError, StateError, bad_arg, describe_mismatch
 from ._rules import Rule, UpdateInfo, _Inplace
 
-__all__ = ["Averager", "canonical_name", "named_tensors", "unwrap_model"]
+__all__ = ["Averager", "canonical_name", "make_contiguous", "named_tensors", "unwrap_model"]
 
 FORMAT_VERSION = 1
 _BIG = 1 << 16  # tensors with at least this many elements are not packed
 _SCRATCH = 1 << 20  # elements of the packing scratch, per (device, dtype)
+_CHUNK = 1 << 16  # packed tensors are gathered and applied in runs of at most this many elements
+_BIG_CHUNK = 1 << 18  # big tensors that need a conversion stream through the scratch in such pieces
 
 BufferPolicy = Literal["average", "copy", "ignore"]
 NonFinitePolicy = Literal["raise", "skip", "allow"]
@@ -128,11 +131,15 @@ class _Group:
     entries: list[_Entry] = field(default_factory=list)
     n_packed: int = 0  # entries[:n_packed] are small and stored first
     packed_numel: int = 0
-    chunks: list[tuple[int, int, int, int]] = field(default_factory=list)  # (lo, hi, start, stop)
+    # runs of packed entries: (lo, hi, start, stop) = entries[lo:hi] at storage[start:stop]; each
+    # run is small enough (≤ _CHUNK) to stay in the L2 cache between its gather and its lerp_
+    chunks: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
         return sum(e.numel for e in self.entries)
+
+    contiguous: bool = False  # the sources tiled one storage range at construction (make_contiguous)
 
     @property
     def direct(self) -> bool:
@@ -148,6 +155,7 @@ class _Binding:
     probes: list[Tensor | None]  # each group's first source tensor object (Parameter or buffer)
     fingerprint: list[int]  # its data_ptr at binding time (a change means .to()/.half()/assign)
     flat: list[bool]  # per group: every source is a 1-D view
+    spans: list[Tensor | None]  # per group: one 1-D view over all its sources, when they tile a range
     big_views: dict[tuple[str, int], list[Tensor]] = field(default_factory=dict)
 
 
@@ -241,7 +249,7 @@ class Averager:
         if not entries:
             raise bad_arg("model", type(model).__name__,
                           "a model with at least one tensor to track (check params/include/exclude)")
-        self._groups = self._layout(entries)
+        self._groups = self._layout(entries, tensors)
         self._entries = {e.name: e for g in self._groups for e in g.entries}
         # storage[slot][gi]: flat averages; copies share one storage across rules
         self._storage: dict[str, list[Tensor]] = {}
@@ -281,7 +289,7 @@ class Averager:
             out.append(_Entry(name, t.shape, t.numel(), t.dtype, t.device, averaged))
         return out
 
-    def _layout(self, entries: list[_Entry]) -> list[_Group]:
+    def _layout(self, entries: list[_Entry], tensors: dict[str, tuple[Tensor, bool]]) -> list[_Group]:
         groups: dict[tuple[torch.device, torch.dtype, bool], _Group] = {}
         for e in entries:
             key = (e.device, e.dtype, e.averaged)
@@ -295,9 +303,17 @@ class Averager:
             groups[key].entries.append(e)
         out = list(groups.values())
         for g in out:
-            small = [e for e in g.entries if e.numel < _BIG]
-            big = [e for e in g.entries if e.numel >= _BIG]
-            g.entries = small + big
+            order = _tiling([tensors[e.name][0] for e in g.entries]) if g.averaged else None
+            if order is not None:
+                # sources share one contiguous range (see make_contiguous): keep their order, so
+                # an update reads them as one span, with no gather
+                g.entries = [g.entries[i] for i in order]
+                g.contiguous = True
+                small: list[_Entry] = []
+            else:
+                small = [e for e in g.entries if e.numel < _BIG]
+                big = [e for e in g.entries if e.numel >= _BIG]
+                g.entries = small + big
             g.n_packed = len(small)
             off = 0
             for e in g.entries:
@@ -307,7 +323,7 @@ class Averager:
             lo = 0
             while lo < len(small):
                 hi, n = lo, 0
-                while hi < len(small) and (n + small[hi].numel <= _SCRATCH or hi == lo):
+                while hi < len(small) and (n + small[hi].numel <= _CHUNK or hi == lo):
                     n += small[hi].numel
                     hi += 1
                 g.chunks.append((lo, hi, small[lo].offset, small[lo].offset + n))
@@ -352,13 +368,29 @@ class Averager:
             srcs.append(row)
         fingerprint = [p.data_ptr() if p is not None else 0 for p in probes]
         flat = [all(t.dim() == 1 for t in row) for row in srcs]
+        spans: list[Tensor | None] = []
+        for g, row in zip(self._groups, srcs, strict=True):
+            span = None
+            if g.contiguous and _tiling(row) == list(range(len(row))):
+                first = row[0]
+                span = torch.as_strided(first, (g.numel,), (1,), first.storage_offset())
+            spans.append(span)
         if isinstance(source, nn.Module):
             ref: Any = weakref.ref(unwrap_model(source))
-            b = _Binding(ref, srcs, probes, fingerprint, flat)
+            b = _Binding(ref, srcs, probes, fingerprint, flat, spans)
             self._bindings[id(unwrap_model(source))] = b
         else:
-            b = _Binding(lambda: None, srcs, probes, fingerprint, flat)
+            b = _Binding(lambda: None, srcs, probes, fingerprint, flat, spans)
         return b
+
+    def refresh(self) -> None:
+        """Forget the source tensors collected from models; the next call collects them again.
+
+        The engine collects a model's tensors once. Moving or casting the whole model is detected;
+        call this after replacing individual tensors (``module.weight = nn.Parameter(...)``,
+        ``param.data = ...``, ``load_state_dict(..., assign=True)`` on part of a model).
+        """
+        self._bindings.clear()
 
     def _scratch_for(self, device: torch.device, dtype: torch.dtype, tag: str, n: int) -> Tensor:
         key = (device, dtype, tag)
@@ -401,7 +433,7 @@ class Averager:
         weights = {slot: r.weight(info) for slot, r in self.rules.items()}
 
         checked = self.nonfinite != "allow"
-        staged: dict[int, list[Tensor]] = {}
+        staged: dict[int, Tensor] = {}
         if checked:
             staged, total = self._check(binding)
             if not math.isfinite(float(total)):
@@ -431,34 +463,46 @@ class Averager:
         return True
 
     def _gather(
-        self, g: _Group, srcs: list[Tensor], lo: int, hi: int, start: int, stop: int, flat: bool = True
+        self, g: _Group, srcs: list[Tensor], chunk: tuple[int, int, int, int], flat: bool, staged: bool = False
     ) -> Tensor:
-        """Packed sources lo:hi, gathered into the scratch (source dtype and device)."""
-        n = stop - start
-        buf = self._scratch_for(g.src_device, g.src_dtype, "gather", n)
+        """Packed sources of one chunk, gathered into the scratch (source dtype and device).
+
+        With ``staged`` every chunk gets its own place (the whole packed region is kept, for the
+        non-finite check before anything is applied); otherwise chunks reuse the scratch's start.
+        """
+        lo, hi, start, stop = chunk
+        if staged:
+            buf = self._scratch_for(g.src_device, g.src_dtype, "gather", g.packed_numel)[start:stop]
+        else:
+            buf = self._scratch_for(g.src_device, g.src_dtype, "gather", stop - start)
         part = srcs[lo:hi]
         if not flat:  # non-contiguous sources (rare): slow path
             part = [t.reshape(-1) for t in part]
         torch.cat(part, out=buf)
         return buf
 
-    def _check(self, binding: _Binding) -> tuple[dict[int, list[Tensor]], Tensor | float]:
-        """Sum every averaged source (NaN/Inf propagate); keep gathers that fit the scratch."""
+    def _check(self, binding: _Binding) -> tuple[dict[int, Tensor], Tensor | float]:
+        """Sum every averaged source (NaN/Inf propagate) before anything is applied.
+
+        Each packed chunk is summed right after its gather, while it is in cache. Gathers are kept
+        (staged) when the whole packed region fits the scratch, so the update does not redo them.
+        """
         sums: list[Tensor] = []
-        staged: dict[int, list[Tensor]] = {}
+        staged: dict[int, Tensor] = {}
         for gi, g in enumerate(self._groups):
             if not g.averaged or not g.src_dtype.is_floating_point:
                 continue
             srcs = binding.srcs[gi]
-            if len(g.chunks) == 1:
-                lo, hi, start, stop = g.chunks[0]
-                buf = self._gather(g, srcs, lo, hi, start, stop, binding.flat[gi])
-                sums.append(buf.sum(dtype=torch.float32))
-                staged[gi] = [buf]
-            else:
-                for lo, hi, start, stop in g.chunks:
-                    part = self._gather(g, srcs, lo, hi, start, stop, binding.flat[gi])
-                    sums.append(part.sum(dtype=torch.float32))
+            span = binding.spans[gi]
+            if span is not None:
+                sums.append(span.sum(dtype=torch.float32))
+                continue
+            keep = 0 < g.packed_numel <= _SCRATCH
+            for chunk in g.chunks:
+                part = self._gather(g, srcs, chunk, binding.flat[gi], staged=keep)
+                sums.append(part.sum(dtype=torch.float32))
+            if keep:
+                staged[gi] = self._scratch_for(g.src_device, g.src_dtype, "gather", g.packed_numel)
             sums.extend(t.sum(dtype=torch.float32) for t in srcs[g.n_packed:])
         if not sums:
             return staged, 0.0
@@ -513,7 +557,7 @@ class Averager:
         binding: _Binding,
         weights: dict[str, float],
         info: UpdateInfo,
-        staged: list[Tensor] | None,
+        staged: Tensor | None,
     ) -> None:
         srcs = binding.srcs[gi]
         lerp_slots = {s: w for s, w in weights.items() if not math.isnan(w)}
@@ -542,13 +586,29 @@ class Averager:
             conv.copy_(value, non_blocking=False)
             return conv
 
+        span = binding.spans[gi]
+        if lerp_slots and span is not None:
+            # contiguous sources: no gather at all
+            if g.direct and not squares:
+                for slot, w in lerp_slots.items():
+                    dst = self._storage[slot][gi]
+                    if w == 1.0:
+                        dst.copy_(span)
+                    else:
+                        dst.lerp_(span, w)
+            else:
+                for a in range(0, g.numel, _BIG_CHUNK):
+                    b = min(a + _BIG_CHUNK, g.numel)
+                    apply(to_avg_dtype(span[a:b]), a, b)
+            lerp_slots = {}
         # packed small tensors: one gather + one lerp_ per rule per chunk
         if lerp_slots:
-            for ci, (lo, hi, start, stop) in enumerate(g.chunks):
-                if staged is not None and ci == 0:
-                    value = staged[0]
+            for chunk in g.chunks:
+                start, stop = chunk[2], chunk[3]
+                if staged is not None:
+                    value = staged[start:stop]
                 else:
-                    value = self._gather(g, srcs, lo, hi, start, stop, binding.flat[gi])
+                    value = self._gather(g, srcs, chunk, binding.flat[gi])
                 apply(to_avg_dtype(value), start, stop)
             big = g.entries[g.n_packed :]
             big_srcs = srcs[g.n_packed :]
@@ -567,8 +627,8 @@ class Averager:
             else:
                 for e, t in zip(big, big_srcs, strict=True):
                     flat = t.reshape(-1)
-                    for a in range(0, e.numel, _SCRATCH):
-                        b = min(a + _SCRATCH, e.numel)
+                    for a in range(0, e.numel, _BIG_CHUNK):
+                        b = min(a + _BIG_CHUNK, e.numel)
                         apply(to_avg_dtype(flat[a:b]), e.offset + a, e.offset + b)
         for slot in inplace_slots:
             rule = self.rules[slot]
@@ -884,6 +944,75 @@ class Averager:
         return (f"Averager(rule={rules!r}, params={self.params!r}, buffers={self.buffers!r}, "
                 f"dtype={self.dtype}, device={self.device}, nonfinite={self.nonfinite!r}, "
                 f"tracked={len(self._entries)} tensors/{n:,} elements, num_updates={self.num_updates})")
+
+
+def _tiling(ts: list[Tensor]) -> list[int] | None:
+    """Order in which contiguous tensors tile one gap-free range of one storage, or None."""
+    if len(ts) < 2 or not all(t.is_contiguous() for t in ts):
+        return None
+    base = ts[0].untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() != base for t in ts):
+        return None
+    order = sorted(range(len(ts)), key=lambda i: ts[i].storage_offset())
+    pos = ts[order[0]].storage_offset()
+    for i in order:
+        if ts[i].storage_offset() != pos:
+            return None
+        pos += ts[i].numel()
+    return order
+
+
+@torch.no_grad()
+def make_contiguous(model: nn.Module, *, buffers: bool = True) -> nn.Module:
+    """Store the model's parameters (and floating buffers) in one flat buffer per (device, dtype).
+
+    In place: every Parameter stays the same object (optimizers, hooks and compiled graphs keep
+    working); only its storage moves, values unchanged. Parameters come first, then persistent
+    floating buffers. An :class:`Averager` built afterwards reads each group as one span: its update
+    is a single ``lerp_`` (and one ``sum`` for the non-finite check) with no gather, as fast as a
+    flat buffer, however many tensors the model has. Call it before building the averager (and,
+    for consistency, before the optimizer); integer buffers are left as they are.
+
+    Returns:
+        The model.
+    """
+    if not isinstance(model, nn.Module):
+        raise bad_arg("model", type(model).__name__, "a torch.nn.Module")
+    root = unwrap_model(model)
+    params: list[tuple[Tensor, list[tuple[nn.Module, str]]]] = []
+    bufs: list[tuple[Tensor, list[tuple[nn.Module, str]]]] = []
+    where: dict[int, list[tuple[nn.Module, str]]] = {}
+    for mod in root.modules():
+        for name, p in mod._parameters.items():
+            if p is not None:
+                if id(p) not in where:
+                    where[id(p)] = []
+                    params.append((p, where[id(p)]))
+                where[id(p)].append((mod, name))
+        for name, b in mod._buffers.items():
+            if b is None or not buffers or not b.is_floating_point() or name in mod._non_persistent_buffers_set:
+                continue
+            if id(b) not in where:
+                where[id(b)] = []
+                bufs.append((b, where[id(b)]))
+            where[id(b)].append((mod, name))
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, list[tuple[nn.Module, str]], bool]]] = {}
+    for items, is_param in ((params, True), (bufs, False)):
+        for t, owners in items:
+            groups.setdefault((t.device, t.dtype), []).append((t, owners, is_param))
+    for (device, dtype), members in groups.items():
+        flat = torch.empty(sum(t.numel() for t, _, _ in members), dtype=dtype, device=device)
+        off = 0
+        for t, owners, is_param in members:
+            view = flat[off : off + t.numel()].view(t.shape)
+            view.copy_(t)
+            off += t.numel()
+            if is_param:
+                t.data = view
+            else:
+                for mod, name in owners:
+                    mod._buffers[name] = view
+    return model
 
 
 def check_options(
