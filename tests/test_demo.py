@@ -1,9 +1,10 @@
-"""The demo: its statistics, schedules, pairing of runs, and `weightavg demo --quick` end to end."""
+"""The demo: its statistics, schedules, pairing of runs, its SWA/EMA policies, and `weightavg demo --quick`."""
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
 import io
 import json
 import math
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightavg.cli import main
-from weightavg.demo import DemoConfig, load_data
+from weightavg.demo import DemoConfig, load_data, make_model
 from weightavg.demo import _methods as demo_methods
 from weightavg.demo._lr import cosine_lr, swa_schedule
 from weightavg.demo._run import _run_seed
@@ -150,7 +151,7 @@ def test_swa_schedule_rejects_bad_arguments(kwargs: dict, match: str) -> None:
 
 
 class _Spy(demo_methods.Method):
-    """Records the model's weights at trajectory start and after every epoch."""
+    """Records the model's weights at trajectory start, after every step and after every epoch."""
 
     label = "spy"
 
@@ -158,9 +159,13 @@ class _Spy(demo_methods.Method):
         super().__init__(cfg)
         self.at_start: dict[str, torch.Tensor] = {}
         self.after: dict[int, dict[str, torch.Tensor]] = {}
+        self.after_steps: dict[int, dict[str, torch.Tensor]] = {}
 
     def start(self, model: torch.nn.Module, ctx: demo_methods.EvalContext) -> None:
         self.at_start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def after_step(self, model: torch.nn.Module, step: int) -> None:
+        self.after_steps[step] = {k: v.clone() for k, v in model.named_parameters()}
 
     def after_epoch(self, model: torch.nn.Module, epoch: int) -> None:
         self.after[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
@@ -182,8 +187,34 @@ def digits():  # type: ignore[no-untyped-def]
 
 
 def _ctx(data, cfg: DemoConfig) -> demo_methods.EvalContext:  # type: ignore[no-untyped-def]
+    spe = math.ceil(data.x_train.shape[0] / cfg.batch_size)
     return demo_methods.EvalContext(bn_batches=[data.x_train], x_test=data.x_test,
-                                    swa_start=cfg.swa_start_epoch, total_steps=0)
+                                    swa_start=cfg.swa_start_epoch, total_steps=cfg.epochs * spe,
+                                    steps_per_epoch=spe)
+
+
+def _with_bn_of_torch(model: torch.nn.Module, params: dict[str, torch.Tensor], data) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """Reference: ``params`` put into a copy of ``model``, BN statistics from torch's ``update_bn``.
+
+    The training set is one batch, as in :func:`_ctx` (layers after the first BatchNorm see inputs
+    normalised with their batch's statistics, so the split matters there).
+    """
+    from torch.optim.swa_utils import update_bn
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(params[name])
+    update_bn([data.x_train], ref)
+    return ref.state_dict()
+
+
+def _assert_matches(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    assert set(ours) == set(ref)
+    for name, value in ref.items():
+        if value.is_floating_point():  # (num_batches_tracked: an integer count, not compared)
+            torch.testing.assert_close(ours[name].double(), value.double(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_swa_branch_shares_weights_optimizer_and_batch_order(digits, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -206,20 +237,68 @@ def test_swa_branch_shares_weights_optimizer_and_batch_order(digits, monkeypatch
     assert set(res.metrics) == {"sgd", "swa", "spy_sgd", "spy_swa"}
 
 
-def test_swa_method_averages_once_per_epoch_of_the_swa_phase(digits, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_swa_policy_averages_once_per_epoch_of_the_swa_phase(digits, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setitem(demo_methods.METHODS, "spy_swa", _SpySWA)
     cfg = DemoConfig(dataset="digits", seeds=1, epochs=6, swa_start=0.5, methods=("swa", "spy_swa"))
     _, methods = _run_seed(0, cfg, digits, _ctx(digits, cfg), None, "t")
     spy, swa = methods["spy_swa"], methods["swa"]
     epochs = sorted(spy.after)
     assert epochs == list(range(cfg.swa_start_epoch, cfg.epochs))
-    avg = swa.avg.export_state_dict()
-    assert swa.avg.num_updates == len(epochs)
-    for name, value in avg.items():
-        if not value.is_floating_point():
-            continue
-        ref = torch.stack([spy.after[e][name].double() for e in epochs]).mean(0)
-        torch.testing.assert_close(value.double(), ref, rtol=1e-6, atol=1e-6)
+    policy = swa.policy
+    assert policy.num_updates == len(epochs) == 3
+    assert not policy.active  # ended with the branch
+    # weights: the equal mean of the branch's weights at its epoch ends (numpy-free float64 loop);
+    # BatchNorm statistics: recomputed for those weights, as torch's update_bn does
+    model = make_model(cfg.model, digits.num_features, digits.num_classes)
+    model.load_state_dict(spy.after[epochs[-1]])
+    mean = {name: torch.stack([spy.after[e][name].double() for e in epochs]).mean(0)
+            for name, _ in model.named_parameters()}
+    _assert_matches(policy.export_state_dict(), _with_bn_of_torch(model, mean, digits))
+
+
+def test_ema_policy_is_the_warmed_up_ema_of_every_step(digits, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setitem(demo_methods.METHODS, "spy_sgd", _SpySGD)
+    cfg = DemoConfig(dataset="digits", seeds=1, epochs=3, methods=("ema", "spy_sgd"))
+    _, methods = _run_seed(2, cfg, digits, _ctx(digits, cfg), None, "t")
+    spy, policy = methods["spy_sgd"], methods["ema"].policy
+    steps = sorted(spy.after_steps)
+    assert steps == list(range(1, cfg.epochs * math.ceil(digits.x_train.shape[0] / cfg.batch_size) + 1))
+    assert policy.num_updates == len(steps)
+    # reference: the first step copies; step t >= 2 mixes with decay min(0.999, 1 - t^-0.75)
+    # (timm/diffusers' warmup 1 - (1 + t')^-power with t' = t - 1 updates before it)
+    ref = {k: v.double() for k, v in spy.after_steps[1].items()}
+    for t in steps[1:]:
+        d = min(0.999, 1.0 - t ** -0.75)
+        ref = {k: d * v + (1.0 - d) * spy.after_steps[t][k].double() for k, v in ref.items()}
+    model = make_model(cfg.model, digits.num_features, digits.num_classes)
+    _assert_matches(policy.export_state_dict(), _with_bn_of_torch(model, ref, digits))
+
+
+@pytest.mark.parametrize(
+    ("epochs", "swa_start", "anneal", "strategy"),
+    [
+        pytest.param(8, 0.5, 3, "cos", id="demo-like"),
+        pytest.param(6, 0.5, 0, "linear", id="anneal-0"),
+        pytest.param(7, 0.3, 10, "linear", id="anneal-past-end"),
+    ],
+)
+def test_learning_rate_of_every_step_is_the_plotted_schedule(
+    digits, epochs: int, swa_start: float, anneal: int, strategy: str  # type: ignore[no-untyped-def]
+) -> None:
+    """On the branch the policy sets the rate; it must be what lr_schedule.png and plot-lr draw."""
+    cfg = DemoConfig(dataset="digits", seeds=1, epochs=epochs, swa_start=swa_start, swa_lr=0.02,
+                     anneal_epochs=anneal, anneal_strategy=strategy, methods=("swa",))
+    res, _ = _run_seed(0, cfg, digits, _ctx(digits, cfg), None, "t")
+    plotted = cfg.lr_schedules()
+    spe = math.ceil(digits.x_train.shape[0] / cfg.batch_size)
+    for traj in ("sgd", "swa"):
+        used = res.step_lrs[traj]
+        assert len(used) == epochs
+        for e, lrs in enumerate(used):
+            assert len(lrs) == spe
+            assert lrs == pytest.approx([plotted[traj][e]] * spe, rel=1e-12, abs=0), (traj, e)
+    reached = max(1, anneal) < epochs - cfg.swa_start_epoch  # the anneal ends before the run does
+    assert (plotted["swa"][-1] == pytest.approx(0.02)) is reached
 
 
 def test_run_is_deterministic(digits) -> None:  # type: ignore[no-untyped-def]
@@ -236,6 +315,7 @@ def test_run_is_deterministic(digits) -> None:  # type: ignore[no-untyped-def]
         ({"methods": ("swa", "swa")}, "methods"),
         ({"epochs": 1}, "epochs"),
         ({"swa_start": 1.0}, "swa_start"),
+        ({"anneal_epochs": -1}, "anneal_epochs"),
         ({"model": "resnet"}, "model"),
         ({"seeds": 0}, "seeds"),
     ],

@@ -4,11 +4,14 @@ A method rides on one of two training trajectories that share each seed's initia
 batch order:
 
 * ``"sgd"``: the tuned SGD baseline (cosine learning rate over the whole run);
-* ``"swa"``: a branch of the SGD run at the SWA start, continued with SWALR.
+* ``"swa"``: a branch of the SGD run at the SWA start, trained under a :class:`weightavg.SWA`
+  policy (:func:`swa_policy`): the policy sets the learning rate of the SWA phase, averages the
+  weights at the end of every epoch and refreshes BatchNorm statistics before evaluations.
 
-It sees the model after every optimizer step and every epoch, and turns the model into test-set
-probabilities when asked. All averaging goes through :class:`weightavg.Averager`; adding a method
-(e.g. SWAG) is one more factory in :data:`METHODS`.
+A method sees the model after every optimizer step and every epoch, and turns the model into
+test-set probabilities when asked. SWA and EMA are the library's front end, the
+:class:`weightavg.SWA` and :class:`weightavg.EMA` policies; SWAG uses :mod:`weightavg.swag`.
+Adding a method is one more factory in :data:`METHODS`.
 """
 
 from __future__ import annotations
@@ -20,23 +23,24 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._bn import recompute_bn
-from .._engine import Averager
-from .._rules import ema_warmup, mean
+from .._policy import EMA, SWA, AveragingPolicy
 
-__all__ = ["METHODS", "EvalContext", "Method", "available_methods", "default_methods", "predict_probs"]
+__all__ = ["METHODS", "EvalContext", "Method", "available_methods", "default_methods", "predict_probs",
+           "swa_policy"]
 
 Trajectory = Literal["sgd", "swa"]
 
 
 @dataclass(frozen=True)
 class EvalContext:
-    """What a method needs to evaluate: BN-refresh batches, test inputs, and the SWA start."""
+    """What a method needs: BN-refresh batches, test inputs, the SWA start, the run's policy."""
 
-    bn_batches: list[Tensor]  # training inputs in fixed order, for recompute_bn
+    bn_batches: list[Tensor]  # training inputs in fixed order, for recomputing BN statistics
     x_test: Tensor
     swa_start: int  # first epoch of the SWA phase
     total_steps: int  # optimizer steps in the SGD run
+    steps_per_epoch: int | None = None  # optimizer steps per epoch
+    swa: SWA | None = None  # on the SWA branch: the weightavg.SWA policy it trains under
 
 
 @torch.no_grad()
@@ -52,11 +56,34 @@ def predict_probs(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor
     return torch.cat(out)
 
 
-def averaged_probs(avg: Averager, model: nn.Module, ctx: EvalContext) -> Tensor:
-    """Probabilities of the averaged weights, with BatchNorm statistics recomputed for them."""
-    with avg.swapped_in(model):
-        recompute_bn(model, ctx.bn_batches)
+def averaged_probs(policy: AveragingPolicy | None, ctx: EvalContext) -> Tensor | None:
+    """Probabilities of a policy's averaged weights (BatchNorm statistics recomputed for them).
+
+    None before the policy's first update.
+    """
+    if policy is None or not policy.has_average:
+        return None
+    with policy.averaged() as model:
         return predict_probs(model, ctx.x_test)
+
+
+def swa_policy(cfg: Any) -> SWA:
+    """The :class:`weightavg.SWA` policy the SWA branch trains under.
+
+    It is begun on the branch at the SWA start, so its window opens at once (``swa_start=0``).
+    Before each optimizer step it sets the learning rate: from the SGD run's rate at the branch
+    point, annealed (``cfg.anneal_strategy``) to ``cfg.swa_lr`` over ``cfg.anneal_epochs`` epochs
+    (one change per epoch), then held. At the end of every epoch it adds the weights to an equal
+    average, and :meth:`~weightavg.SWA.averaged` recomputes the average's BatchNorm statistics from
+    all of ``bn_data`` (``bn_batches=None``). The model keeps its training weights at the end
+    (``final="training"``): the demo evaluates the average through ``averaged()``.
+
+    ``anneal_epochs=0`` anneals over one epoch, as ``torch.optim.swa_utils.SWALR`` does (the
+    policy itself would jump), so the run follows :func:`weightavg.demo.swa_schedule`.
+    """
+    return SWA(swa_start=0, update_interval="1ep", swa_lr=cfg.swa_lr,
+               anneal_steps=f"{max(1, cfg.anneal_epochs)}ep", anneal_strategy=cfg.anneal_strategy,
+               bn_batches=None, final="training")
 
 
 class Method:
@@ -94,64 +121,72 @@ class Method:
         """Test-set probabilities, or None when the method has nothing to evaluate yet."""
         return predict_probs(model, ctx.x_test)
 
+    def end(self) -> None:
+        """Called once when the trajectory ends, after its last prediction."""
+
 
 class SWAMethod(Method):
-    """SWA: an equal average of the weights at the end of each epoch of the SWA phase."""
+    """SWA: the average of the branch's :class:`weightavg.SWA` policy (one snapshot per epoch)."""
 
     key = "swa"
     label = "SWA"
     trajectory: Trajectory = "swa"
     description = ("equal average of the weights at the end of every epoch of the SWA phase "
-                   "(SWALR), BatchNorm statistics recomputed")
+                   "(weightavg.SWA: anneal to swa_lr), BatchNorm statistics recomputed")
 
     def __init__(self, cfg: Any = None) -> None:
         super().__init__(cfg)
-        self.avg: Averager | None = None
-        self.swa_start = 0
+        self.policy: SWA | None = None
 
     def start(self, model: nn.Module, ctx: EvalContext) -> None:
-        self.avg = Averager(model, rule=mean())
-        self.swa_start = ctx.swa_start
-
-    def after_epoch(self, model: nn.Module, epoch: int) -> None:
-        if self.avg is not None and epoch >= self.swa_start:
-            self.avg.update(model)
+        # the branch trains under this policy whichever methods ride on it (SWAG does too): the
+        # run begins it and tells it the epoch ends; SWA evaluates its average
+        self.policy = ctx.swa
 
     def predict(self, model: nn.Module, ctx: EvalContext) -> Tensor | None:
-        if self.avg is None or self.avg.num_updates == 0:
-            return None
-        return averaged_probs(self.avg, model, ctx)
+        return averaged_probs(self.policy, ctx)
 
 
 class EMAMethod(Method):
-    """EMA of the SGD run's weights after every step, with a warmed-up decay."""
+    """EMA of the SGD run's weights after every step (:class:`weightavg.EMA`, warmed-up decay)."""
 
     key = "ema"
     label = "EMA"
     trajectory: Trajectory = "sgd"
-    inv_gamma = 1.0
     power = 0.75
     max_decay = 0.999
 
-    description = (f"EMA of the SGD run updated every step, decay 1-(1+step)^-{power} capped at "
-                   f"{max_decay} (warmup), BatchNorm statistics recomputed")
+    description = (f"EMA of the SGD run updated every step (weightavg.EMA), decay 1-(1+step)^-{power} "
+                   f"capped at {max_decay} (warmup), BatchNorm statistics recomputed")
 
     def __init__(self, cfg: Any = None) -> None:
         super().__init__(cfg)
-        self.avg: Averager | None = None
+        self.policy: EMA | None = None
 
     def start(self, model: nn.Module, ctx: EvalContext) -> None:
-        rule = ema_warmup(inv_gamma=self.inv_gamma, power=self.power, max_decay=self.max_decay)
-        self.avg = Averager(model, rule=rule)
+        # decay min(smoothing, 1 - (1 + step)^-warmup_power): weightavg.ema_warmup(power=0.75,
+        # max_decay=0.999). Begun without the optimizer and told each step by hand (on_step), so
+        # that its cost is timed apart from the SGD run it rides on (optimizer hooks would run
+        # inside the SGD run's opt.step()).
+        self.policy = EMA(smoothing=self.max_decay, warmup=True, warmup_power=self.power,
+                          update_interval=1, recompute_bn=True, bn_batches=None, final="training")
+        self.policy.begin(model, None, total_steps=ctx.total_steps or None,
+                          steps_per_epoch=ctx.steps_per_epoch, bn_data=ctx.bn_batches)
 
     def after_step(self, model: nn.Module, step: int) -> None:
-        if self.avg is not None:
-            self.avg.update(model, step=step)
+        if self.policy is not None:
+            self.policy.on_step()
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> None:
+        if self.policy is not None:
+            self.policy.on_epoch_end()
 
     def predict(self, model: nn.Module, ctx: EvalContext) -> Tensor | None:
-        if self.avg is None or self.avg.num_updates == 0:
-            return None
-        return averaged_probs(self.avg, model, ctx)
+        return averaged_probs(self.policy, ctx)
+
+    def end(self) -> None:
+        if self.policy is not None:
+            self.policy.end()  # the model keeps its training weights (final="training")
 
 
 class SWAGMethod(Method):

@@ -7,7 +7,7 @@ import copy
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -15,9 +15,11 @@ from torch import Tensor, nn
 
 from .. import metrics
 from .._errors import bad_arg
+from .._policy import SWA
+from .._schedules import group_lr
 from ._data import DemoData, load_data
 from ._lr import cosine_lr, swa_schedule
-from ._methods import EvalContext, Method, available_methods, default_methods
+from ._methods import EvalContext, Method, available_methods, default_methods, swa_policy
 from ._models import MODELS, make_model
 from ._stats import Paired, mean_std, paired_test
 
@@ -41,7 +43,7 @@ class DemoConfig:
         weight_decay: L2 weight decay.
         swa_start: fraction of the epochs after which SWA branches off the SGD run.
         swa_lr: SWA learning rate reached by the anneal.
-        anneal_epochs: epochs of the anneal to ``swa_lr``.
+        anneal_epochs: epochs of the anneal to ``swa_lr`` (0 behaves as 1, as in SWALR).
         anneal_strategy: ``"cos"`` or ``"linear"``.
         threads: torch intra-op threads during the run (restored afterwards).
         eval_every: evaluate the curves every this many epochs (the last epoch always).
@@ -99,6 +101,9 @@ class DemoConfig:
             raise bad_arg("momentum", self.momentum, "a number in [0, 1)")
         if self.weight_decay < 0:
             raise bad_arg("weight_decay", self.weight_decay, "a non-negative float")
+        if isinstance(self.anneal_epochs, bool) or not isinstance(self.anneal_epochs, int) \
+                or self.anneal_epochs < 0:
+            raise bad_arg("anneal_epochs", self.anneal_epochs, "a non-negative int")
         if self.anneal_strategy not in ("cos", "linear"):
             raise bad_arg("anneal_strategy", self.anneal_strategy, "'cos' or 'linear'")
 
@@ -129,13 +134,19 @@ class Progress(Protocol):
 
 @dataclass
 class SeedResult:
-    """One seed: final metrics, cost, test-error curves and final probabilities per method."""
+    """One seed: final metrics, cost, test-error curves and final probabilities per method.
+
+    ``step_lrs[trajectory][epoch]`` holds the learning rate every optimizer step of that epoch
+    used, read from the optimizer right before the step (after the policy set it); the SWA
+    branch's epochs before the SWA start are the SGD run's.
+    """
 
     seed: int
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> metric -> value
     train_time_s: dict[str, float] = field(default_factory=dict)  # method -> seconds
     curves: dict[str, list[float]] = field(default_factory=dict)  # method -> test error per epoch
     probs: dict[str, Tensor] = field(default_factory=dict)  # method -> (M, C) final probabilities
+    step_lrs: dict[str, list[list[float]]] = field(default_factory=dict)  # trajectory -> epoch -> lrs
 
 
 @dataclass
@@ -209,9 +220,10 @@ def _run_seed(
     factories = available_methods()
     methods = {k: factories[k](cfg) for k in keys}
     on = {t: [k for k in keys if methods[k].trajectory == t] for t in ("sgd", "swa")}
-    lrs = cfg.lr_schedules()
     E, S = cfg.epochs, cfg.swa_start_epoch
+    sgd_lrs = [cosine_lr(cfg.lr, e, E) for e in range(E)]
     n = data.x_train.shape[0]
+    spe = math.ceil(n / cfg.batch_size)
     timer = _Timer(keys)
     res = SeedResult(seed, curves={k: [math.nan] * E for k in keys})
     traj_time = {"sgd": 0.0, "swa": 0.0}
@@ -224,9 +236,17 @@ def _run_seed(
         return torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
 
-    opt = make_opt(model)
+    def record_lrs(o: torch.optim.Optimizer, traj: str) -> None:
+        # registered after the policy's hooks: sees the rate the step really uses
+        def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            res.step_lrs[traj][-1].extend(group_lr(g) for g in opt.param_groups)
+        o.register_step_pre_hook(hook)
 
-    def run(traj: str, first: int, step: int) -> int:
+    opt = make_opt(model)
+    res.step_lrs["sgd"] = []
+    record_lrs(opt, "sgd")
+
+    def run(traj: str, first: int, step: int, tctx: EvalContext, policy: SWA | None) -> int:
         nonlocal prefix_time
         hooks = on[traj]
         for epoch in range(first, E):
@@ -236,8 +256,10 @@ def _run_seed(
                 prefix_time = traj_time["sgd"]
             t0 = time.perf_counter()
             hook_t0 = sum(timer.spent.values())
-            for g in opt.param_groups:
-                g["lr"] = lrs[traj][epoch]
+            if policy is None:  # the SGD run's own schedule; on the branch the policy sets the rate
+                for g in opt.param_groups:
+                    g["lr"] = sgd_lrs[epoch]
+            res.step_lrs[traj].append([])
             model.train()
             gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=gen)
@@ -251,6 +273,8 @@ def _run_seed(
                 for k in hooks:
                     with timer(k):
                         methods[k].after_step(model, step)
+            if policy is not None:
+                policy.on_epoch_end()  # snapshot into the SWA average; next epoch's rate
             for k in hooks:
                 with timer(k):
                     methods[k].after_epoch(model, epoch)
@@ -260,33 +284,45 @@ def _run_seed(
                 for k in hooks:
                     if last:
                         with timer(k):
-                            probs = methods[k].predict(model, ctx)
+                            probs = methods[k].predict(model, tctx)
                         if probs is not None:
                             res.probs[k] = probs
                     elif methods[k].curve:
-                        probs = methods[k].predict(model, ctx)
+                        probs = methods[k].predict(model, tctx)
                     else:
                         probs = None
                     if probs is not None:
                         res.curves[k][epoch] = 1.0 - metrics.accuracy(probs, data.y_test)
             if progress is not None:
                 progress.advance(f"{label} · {traj.upper()} run · epoch {epoch + 1}/{E}")
+        for k in hooks:
+            methods[k].end()
         return step
 
     snapshot: list[tuple[dict[str, Any], dict[str, Any], int]] = []
     for k in on["sgd"]:
         with timer(k):
             methods[k].start(model, ctx)
-    run("sgd", 0, 0)
+    run("sgd", 0, 0, ctx, None)
     if on["swa"]:
         state, opt_state, step = snapshot[0]
+        t0 = time.perf_counter()
         model.load_state_dict(state)
         opt = make_opt(model)
-        opt.load_state_dict(opt_state)
+        opt.load_state_dict(opt_state)  # momentum buffers of the SGD run
+        for g in opt.param_groups:
+            g["lr"] = sgd_lrs[S]  # the SGD run's rate at the branch point: the anneal starts there
+        policy = swa_policy(cfg)
+        policy.begin(model, opt, total_steps=(E - S) * spe, steps_per_epoch=spe, bn_data=ctx.bn_batches)
+        res.step_lrs["swa"] = [list(x) for x in res.step_lrs["sgd"][:S]]
+        record_lrs(opt, "swa")
+        traj_time["swa"] += time.perf_counter() - t0
+        bctx = replace(ctx, swa=policy)
         for k in on["swa"]:
             with timer(k):
-                methods[k].start(model, ctx)
-        run("swa", S, step)
+                methods[k].start(model, bctx)
+        run("swa", S, step, bctx, policy)
+        policy.end()  # final="training": the model keeps the branch's weights
     for k in keys:
         probs = res.probs.get(k)
         if probs is None:
@@ -302,8 +338,10 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> DemoResult:
     """Run the comparison over ``cfg.seeds`` seeds.
 
     Each seed trains one SGD run and, when SWA (or another ``"swa"``-trajectory method) is
-    compared, one branch from the SGD run at the SWA start: both share the seed's initial weights
-    and the batch order of every epoch. EMA rides on the SGD run (it does not change training).
+    compared, one branch from the SGD run at the SWA start, trained under a :class:`weightavg.SWA`
+    policy (:func:`weightavg.demo._methods.swa_policy`): both share the seed's initial weights and
+    the batch order of every epoch. EMA (a :class:`weightavg.EMA` policy) rides on the SGD run (it
+    does not change training).
 
     Returns:
         A :class:`DemoResult`; :mod:`weightavg.demo._report` turns it into tables and plots.
@@ -316,14 +354,15 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> DemoResult:
         data = load_data(cfg.dataset)
         bs = cfg.batch_size
         n = data.x_train.shape[0]
-        # recompute_bn gives the exact statistics of the whole training set whatever the split,
-        # so big chunks only save Python overhead
+        # BN statistics of the averages are pooled over these chunks (exact whole-set statistics
+        # for the first BatchNorm layer; later layers see inputs normalised per chunk)
         chunk = 1024
         ctx = EvalContext(
             bn_batches=[data.x_train[i : i + chunk] for i in range(0, n, chunk)],
             x_test=data.x_test,
             swa_start=cfg.swa_start_epoch,
             total_steps=cfg.epochs * math.ceil(n / bs),
+            steps_per_epoch=math.ceil(n / bs),
         )
         keys = cfg.method_keys()
         factories = available_methods()
