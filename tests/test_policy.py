@@ -619,3 +619,25 @@ def test_swa_with_a_custom_avg_fn_in_torch_convention() -> None:
     ref = ema_closed_form(snaps, 0.75)
     for k, v in ref.items():
         torch.testing.assert_close(swa.averager.averaged_tensors()[k].double(), v, rtol=1e-6, atol=1e-6)
+
+
+def test_compute_ema_updates_ema_model_in_place_and_follows_it() -> None:
+    """One copy (ema_model's tensors are the engine's storage); outside changes and casts honoured."""
+    torch.manual_seed(0)
+    model, data = Net(), batches()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema_model = copy.deepcopy(model)
+    params = [id(p) for p in ema_model.parameters()]
+    compute_ema(model, ema_model, smoothing=0.8)
+    with torch.no_grad():  # an in-place change with the same smoothing is honoured
+        ema_model.fc2.bias.fill_(2.0)
+    train_step(model, opt, *data[0])
+    compute_ema(model, ema_model, smoothing=0.8)
+    torch.testing.assert_close(ema_model.fc2.bias, 0.8 * 2.0 + 0.2 * model.fc2.bias.detach())
+    assert [id(p) for p in ema_model.parameters()] == params
+    ema_model.double()  # new storage: the next call starts again from the cast values
+    model.double()
+    before = ema_model.fc2.weight.detach().clone()
+    compute_ema(model, ema_model, smoothing=0.8)
+    torch.testing.assert_close(ema_model.fc2.weight, 0.8 * before + 0.2 * model.fc2.weight.detach().double())
+    assert ema_model.fc2.weight.dtype == torch.float64

@@ -262,7 +262,6 @@ class Averager:
             torch.empty(g.numel, dtype=g.dtype, device=g.dev) if not g.averaged else torch.empty(0)
             for g in self._groups
         ]
-        self._views: dict[str, dict[str, Tensor]] = {}
         self._scratch: dict[tuple[torch.device, torch.dtype, str], Tensor] = {}
         self._bindings: dict[int, _Binding] = {}
         # copied tensors of a module source are read lazily (see sync_copies)

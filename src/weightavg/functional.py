@@ -13,16 +13,27 @@ import weakref
 import torch
 from torch import nn
 
-from ._engine import Averager, unwrap_model
+from ._engine import Averager, named_tensors, unwrap_model
 from ._errors import bad_arg
-from ._rules import ema
+from ._rules import Rule, ema
 
 __all__ = ["compute_ema"]
 
-# ema_model -> (model it follows, smoothing, averager holding ema_model's dtype)
-_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref[nn.Module], float, Averager]] = (
-    weakref.WeakKeyDictionary()
-)
+# ema_model -> (model it follows, smoothing, averager whose storage *is* ema_model's tensors, probe)
+_CACHE: weakref.WeakKeyDictionary[
+    nn.Module, tuple[weakref.ref[nn.Module], float, Averager, tuple[torch.Tensor, torch.Tensor]]
+] = weakref.WeakKeyDictionary()
+
+
+def _adopt(target: nn.Module, rule: Rule) -> tuple[Averager, tuple[torch.Tensor, torch.Tensor]]:
+    """An averager seeded with ``target``'s values whose storage becomes ``target``'s tensors."""
+    avg = Averager(target, rule=rule, dtype=None)  # the average keeps ema_model's own dtype
+    avg.update(target)
+    mine = named_tensors(target)
+    for name, view in avg.averaged_tensors().items():
+        mine[name][0].data = view  # same values; from now on one copy, updated in place
+    name = avg.names[0]
+    return avg, (mine[name][0], avg.averaged_tensors()[name])
 
 
 @torch.no_grad()
@@ -61,13 +72,14 @@ def compute_ema(model: nn.Module, ema_model: nn.Module, smoothing: float = 0.99)
     target = unwrap_model(ema_model)
     source = unwrap_model(model)
     cached = _CACHE.get(target)
-    if cached is None or cached[0]() is not source or cached[1] != smoothing:
-        # the average lives in ema_model's own dtype: ema_model is the state, as in Composer
-        avg = Averager(target, rule=rule, dtype=None)
-        _CACHE[target] = (weakref.ref(source), float(smoothing), avg)
+    # ema_model is the state, as in Composer: the engine updates its tensors in place. A new
+    # source or smoothing, or ema_model moved/cast (its tensors no longer alias the storage),
+    # starts a new engine from ema_model's current values.
+    if (cached is None or cached[0]() is not source or cached[1] != smoothing
+            or cached[3][0].data_ptr() != cached[3][1].data_ptr()):
+        avg, probe = _adopt(target, rule)
+        _CACHE[target] = (weakref.ref(source), float(smoothing), avg, probe)
     else:
         avg = cached[2]
-    avg.reset()
-    avg.update(target)  # start from ema_model's current values (the user owns them)
     avg.update(source)
-    avg.copy_to(target)
+    avg.sync_copies()  # integer buffers: ema_model's tensors are the copy storage
