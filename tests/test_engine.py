@@ -235,6 +235,52 @@ def test_packed_and_big_paths_agree_with_slow_loop(monkeypatch: pytest.MonkeyPat
             torch.testing.assert_close(got[n].double(), ref[n], rtol=1e-5, atol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("nonfinite", ["raise", "allow"])
+@pytest.mark.parametrize("scratch", [pytest.param(1000, id="unstaged-check"), pytest.param(1 << 20, id="staged")])
+def test_planned_update_matches_general_path(monkeypatch: pytest.MonkeyPatch, scratch: int, nonfinite: str) -> None:
+    """The flattened plan (the fast path) and the general per-group path give the same averages."""
+    monkeypatch.setattr(_engine, "_CHUNK", 300)
+    monkeypatch.setattr(_engine, "_SCRATCH", scratch)
+    model = ManySmall()
+    rules = {"ema": wa.ema(decay=0.7), "swa": wa.mean()}
+    planned = wa.Averager(model, rule=rules, nonfinite=nonfinite)  # type: ignore[arg-type]
+    general = wa.Averager(model, rule=rules, nonfinite=nonfinite)  # type: ignore[arg-type]
+    general._plannable = False
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+        planned.update(model)
+        general.update(model)
+    assert planned._bindings[id(model)].plan is not None
+    assert general._bindings[id(model)].plan is None
+    for slot in rules:
+        want = general.averaged_tensors(slot)
+        for n, t in planned.averaged_tensors(slot).items():
+            torch.testing.assert_close(t, want[n], rtol=1e-6, atol=1e-7, msg=(slot, n))
+
+
+@pytest.mark.parametrize("where", ["packed", "big"])
+def test_planned_update_refuses_nonfinite_in_small_and_big_tensors(where: str) -> None:
+    model = ManySmall()
+    avg = wa.Averager(model, rule={"ema": wa.ema(decay=0.7), "swa": wa.mean()})
+    avg.update(model)
+    avg.update(model)
+    assert avg._bindings[id(model)].plan is not None
+    before = {slot: {k: v.clone() for k, v in avg.averaged_tensors(slot).items()} for slot in avg.rules}
+    big = [n for n, p in model.named_parameters() if p.numel() >= _engine._BIG]
+    small = [n for n, p in model.named_parameters() if p.numel() < _engine._BIG]
+    name = (big if where == "big" else small)[-1]
+    with torch.no_grad():
+        model.get_parameter(name).view(-1)[-1] = float("inf")
+    with pytest.raises(wa.NonFiniteError, match=name.replace(".", r"\.")):
+        avg.update(model)
+    for slot in avg.rules:
+        for k, v in avg.averaged_tensors(slot).items():
+            assert torch.equal(v, before[slot][k]), (slot, k)
+
+
 def test_bf16_model_gets_a_moving_fp32_average() -> None:
     """A bf16 shadow with decay 0.9999 does not move; ours (fp32) moves as the closed form says."""
     lin = nn.Linear(64, 64).to(torch.bfloat16)

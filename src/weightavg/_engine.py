@@ -13,7 +13,12 @@ Layout (why it is fast):
     are gathered and applied 64Ki elements at a time, so each run is still in L2 when it is used. An update
     therefore costs a handful of kernel launches per group, whatever the number of tensors, never
     allocates a temporary the size of the model, and reads every source tensor once (twice with the
-    non-finite check when the packed tensors do not fit the scratch at once).
+    non-finite check, which must read the whole model before anything is written).
+
+    The first update from a model collects its tensors once (a binding) and flattens the work into a
+    plan: a list of ``cat``/``lerp_`` calls on prebuilt views, so that later updates run no Python
+    over groups, chunks or entries (with the cache cold after a training step, that Python cost as
+    much as the arithmetic on a 1M-parameter model).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ FORMAT_VERSION = 1
 _BIG = 1 << 16  # tensors with at least this many elements are not packed
 _SCRATCH = 1 << 20  # elements of the packing scratch, per (device, dtype)
 _CHUNK = 1 << 16  # packed tensors are gathered and applied in runs of at most this many elements
+_FEW = 8  # up to this many big tensors are updated with one lerp_ each, more with one foreach
 _BIG_CHUNK = 1 << 18  # big tensors that need a conversion stream through the scratch in such pieces
 
 BufferPolicy = Literal["average", "copy", "ignore"]
@@ -157,6 +163,34 @@ class _Binding:
     flat: list[bool]  # per group: every source is a 1-D view
     spans: list[Tensor | None]  # per group: one 1-D view over all its sources, when they tile a range
     big_views: dict[tuple[str, int], list[Tensor]] = field(default_factory=dict)
+    plan: _Plan | None = None  # built on the first update that can use it
+
+
+def _dead_ref() -> None:
+    return None
+
+
+# operations of a _Plan: (code, ...) tuples run by Averager._run
+_GATHER = 0  # (_GATHER, sources, out): torch.cat(sources, out=out)
+_LERP = 1  # (_LERP, slot, dst, src): dst.lerp_(src, weight[slot])
+_FOREACH = 2  # (_FOREACH, slot, dsts, srcs): torch._foreach_lerp_(dsts, srcs, weight[slot])
+_Op = tuple[Any, ...]
+
+
+@dataclass
+class _Plan:
+    """One binding's update, flattened once into a list of torch calls.
+
+    With the cache cold (as it is after a training step on a model larger than the cache) every
+    Python object an update touches costs a memory access: walking groups, chunks and entries on
+    each update cost a third as much as the arithmetic on a 1M-parameter model. A plan touches
+    only the tensors. It covers the common case (averages of the sources' own dtype and device,
+    rules that ``lerp_`` the value itself); anything else takes the general path.
+    """
+
+    plain: list[_Op]  # the whole update
+    staged: list[_Op]  # the update once `check` has gathered every packed source
+    check: list[_Op]  # (_GATHER, sources, out) then summed, or (None, tensor) summed
 
 
 class Averager:
@@ -264,6 +298,11 @@ class Averager:
         ]
         self._scratch: dict[tuple[torch.device, torch.dtype, str], Tensor] = {}
         self._bindings: dict[int, _Binding] = {}
+        self._last_binding: _Binding | None = None
+        # update() takes a _Plan when every rule lerps the value itself and averages keep the
+        # sources' dtype and device (see _plan)
+        self._plannable = all(not isinstance(r, _Inplace) and getattr(r, "power", 1) == 1
+                              for r in self.rules.values())
         # copied tensors of a module source are read lazily (see sync_copies)
         self._pending_copy: _Binding | None = None
 
@@ -333,13 +372,17 @@ class Averager:
 
     def _bind(self, source: Source) -> _Binding:
         if isinstance(source, nn.Module):
-            key = id(unwrap_model(source))
-            b = self._bindings.get(key)
+            last = self._last_binding
+            if last is not None and last.model_ref() is source:
+                b: _Binding | None = last  # the unwrapped model of the previous update
+            else:
+                b = self._bindings.get(id(unwrap_model(source)))
             if b is not None and b.model_ref() is not None:
                 for probe, fp in zip(b.probes, b.fingerprint, strict=True):
                     if probe is not None and probe.data_ptr() != fp:
                         break  # storage replaced (.to(), .half(), load with assign=True)
                 else:
+                    self._last_binding = b
                     return b
         tensors = _source_tensors(source, "model")
         missing = sorted(n for n in self._entries if n not in tensors)
@@ -378,8 +421,9 @@ class Averager:
             ref: Any = weakref.ref(unwrap_model(source))
             b = _Binding(ref, srcs, probes, fingerprint, flat, spans)
             self._bindings[id(unwrap_model(source))] = b
+            self._last_binding = b
         else:
-            b = _Binding(lambda: None, srcs, probes, fingerprint, flat, spans)
+            b = _Binding(_dead_ref, srcs, probes, fingerprint, flat, spans)
         return b
 
     def refresh(self) -> None:
@@ -390,6 +434,7 @@ class Averager:
         ``param.data = ...``, ``load_state_dict(..., assign=True)`` on part of a model).
         """
         self._bindings.clear()
+        self._last_binding = None
 
     def _scratch_for(self, device: torch.device, dtype: torch.dtype, tag: str, n: int) -> Tensor:
         key = (device, dtype, tag)
@@ -404,7 +449,6 @@ class Averager:
 
     # ------------------------------------------------------------------ update
 
-    @torch.no_grad()
     def update(self, model: Source, *, step: int | None = None) -> bool:
         """Fold the model's current tensors into every average.
 
@@ -431,10 +475,19 @@ class Averager:
         info = UpdateInfo(self.num_updates, step, since)
         weights = {slot: r.weight(info) for slot, r in self.rules.items()}
 
+        plan = binding.plan
+        if plan is None and self._plannable:
+            plan = binding.plan = self._plan(binding)
+        # a plan lerps; a weight of 1 (first update: copy) or NaN (in-place rule) takes the general path
+        fast = plan is not None and all(w == w and w != 1.0 for w in weights.values())
         checked = self.nonfinite != "allow"
         staged: dict[int, Tensor] = {}
         if checked:
-            staged, total = self._check(binding)
+            if fast:
+                assert plan is not None
+                total = self._check_plan(plan)
+            else:
+                staged, total = self._check(binding)
             if not math.isfinite(float(total)):
                 bad = self._nonfinite_names(binding)
                 if bad:
@@ -446,9 +499,14 @@ class Averager:
                         f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; the average is "
                         "unchanged (pass nonfinite='skip' to skip and count such updates)"
                     )
-        for gi, g in enumerate(self._groups):
-            if g.averaged:
-                self._update_group(gi, g, binding, weights, info, staged.get(gi))
+        if fast:
+            assert plan is not None
+            _run(plan.staged if checked else plan.plain, weights)
+        else:
+            with torch.no_grad():
+                for gi, g in enumerate(self._groups):
+                    if g.averaged:
+                        self._update_group(gi, g, binding, weights, info, staged.get(gi))
         if isinstance(model, nn.Module):
             # copied tensors (integer buffers...) are only read when the average is read: a model
             # with 1000 BatchNorm layers would otherwise spend a third of each update on them
@@ -460,6 +518,76 @@ class Averager:
         self.step = step
         self.last_step = step
         return True
+
+    def _plan(self, binding: _Binding) -> _Plan | None:
+        """Flatten this binding's update into torch calls (None: it needs the general path)."""
+        plain: list[_Op] = []
+        staged: list[_Op] = []
+        check: list[_Op] = []
+        ops: list[_Op]
+        devices = set()
+        for gi, g in enumerate(self._groups):
+            if not g.averaged:
+                continue
+            if not g.direct or (g.n_packed and not binding.flat[gi]):
+                return None  # conversion or non-contiguous small sources
+            devices.add(g.dev)
+            srcs = binding.srcs[gi]
+            store = {slot: flat[gi] for slot, flat in self._storage.items()}
+            checked = g.src_dtype.is_floating_point  # as in _check
+            span = binding.spans[gi]
+            if span is not None:
+                lerps = [(_LERP, slot, dst, span) for slot, dst in store.items()]
+                plain += lerps
+                staged += lerps
+                if checked:
+                    check.append((None, span))
+                continue
+            # the check gathers every packed source into the scratch, so the update need not again
+            keep = checked and 0 < g.packed_numel <= _SCRATCH
+            whole = self._scratch_for(g.src_device, g.src_dtype, "gather", g.packed_numel) if keep else None
+            for lo, hi, start, stop in g.chunks:
+                part = srcs[lo:hi]
+                buf = self._scratch_for(g.src_device, g.src_dtype, "gather", stop - start)
+                ops = [(_GATHER, part, buf), *((_LERP, slot, dst[start:stop], buf) for slot, dst in store.items())]
+                plain += ops
+                if checked:
+                    check.append((_GATHER, part, whole[start:stop] if whole is not None else buf))
+                if whole is None:
+                    staged += ops
+            if whole is not None:
+                staged += [(_LERP, slot, dst[: g.packed_numel], whole) for slot, dst in store.items()]
+            big = g.entries[g.n_packed :]
+            if big:
+                big_srcs = srcs[g.n_packed :]
+                for slot, dst in store.items():
+                    views = [dst[e.offset : e.offset + e.numel].view(t.shape)
+                             for e, t in zip(big, big_srcs, strict=True)]
+                    if len(big) <= _FEW:  # a few lerp_ calls run fewer distinct code paths than one foreach
+                        ops = [(_LERP, slot, v, t) for v, t in zip(views, big_srcs, strict=True)]
+                    else:
+                        ops = [(_FOREACH, slot, views, big_srcs)]
+                    plain += ops
+                    staged += ops
+                if checked:
+                    check += [(None, t) for t in big_srcs]
+        if len(devices) > 1:
+            return None
+        return _Plan(plain, staged, check)
+
+    @staticmethod
+    def _check_plan(plan: _Plan) -> Tensor | float:
+        """Sum every checked source (NaN/Inf propagate), each gathered run while it is in cache."""
+        sums = []
+        for op in plan.check:
+            if op[0] is None:
+                sums.append(op[1].sum(dtype=torch.float32))
+            else:
+                torch.cat(op[1], out=op[2])
+                sums.append(op[2].sum(dtype=torch.float32))
+        if not sums:
+            return 0.0
+        return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
 
     def _gather(
         self, g: _Group, srcs: list[Tensor], chunk: tuple[int, int, int, int], flat: bool, staged: bool = False
@@ -943,6 +1071,19 @@ class Averager:
         return (f"Averager(rule={rules!r}, params={self.params!r}, buffers={self.buffers!r}, "
                 f"dtype={self.dtype}, device={self.device}, nonfinite={self.nonfinite!r}, "
                 f"tracked={len(self._entries)} tensors/{n:,} elements, num_updates={self.num_updates})")
+
+
+def _run(ops: list[_Op], weights: Mapping[str, float]) -> None:
+    """Run a plan's operations. Sources are detached and averages need no grad: no no_grad() needed."""
+    lerp, cat, foreach = _LERP, torch.cat, torch._foreach_lerp_
+    for op in ops:
+        code = op[0]
+        if code == lerp:
+            op[2].lerp_(op[3], weights[op[1]])
+        elif code == _GATHER:
+            cat(op[1], out=op[2])
+        else:
+            foreach(op[2], op[3], weights[op[1]])
 
 
 def _tiling(ts: list[Tensor]) -> list[int] | None:
