@@ -261,6 +261,27 @@ def test_planned_update_matches_general_path(monkeypatch: pytest.MonkeyPatch, sc
             torch.testing.assert_close(t, want[n], rtol=1e-6, atol=1e-7, msg=(slot, n))
 
 
+@pytest.mark.parametrize("n_big", [2, 9], ids=["lerp-each", "foreach"])
+def test_planned_big_tensors_match_closed_form(n_big: int) -> None:
+    """Up to _FEW big tensors take one lerp_ each, more one foreach; both follow the closed form."""
+    assert (n_big > _engine._FEW) == (n_big == 9)
+    model = nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(n_big)])  # 65,536 each: big
+    avg = wa.Averager(model, rule=wa.ema(decay=0.6))
+    gen = torch.Generator().manual_seed(3)
+    snaps = []
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+        avg.update(model)
+        snaps.append(snapshot(model))
+    plan = avg._bindings[id(model)].plan
+    assert plan is not None and {op[0] for op in plan.plain} == {_engine._FOREACH if n_big == 9 else _engine._LERP}
+    ref = ema_closed_form(snaps, 0.6)
+    for n, t in avg.averaged_tensors().items():
+        torch.testing.assert_close(t.double(), ref[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
 @pytest.mark.parametrize("where", ["packed", "big"])
 def test_planned_update_refuses_nonfinite_in_small_and_big_tensors(where: str) -> None:
     model = ManySmall()

@@ -476,8 +476,8 @@ class Averager:
         weights = {slot: r.weight(info) for slot, r in self.rules.items()}
 
         plan = binding.plan
-        if plan is None and self._plannable:
-            plan = binding.plan = self._plan(binding)
+        if plan is None and self._plannable and binding.model_ref is not _dead_ref:
+            plan = binding.plan = self._plan(binding)  # kept with the binding of a module (not of a mapping)
         # a plan lerps; a weight of 1 (first update: copy) or NaN (in-place rule) takes the general path
         fast = plan is not None and all(w == w and w != 1.0 for w in weights.values())
         checked = self.nonfinite != "allow"
