@@ -479,13 +479,12 @@ class Averager:
         if plan is None and self._plannable and binding.model_ref is not _dead_ref:
             plan = binding.plan = self._plan(binding)  # kept with the binding of a module (not of a mapping)
         # a plan lerps; a weight of 1 (first update: copy) or NaN (in-place rule) takes the general path
-        fast = plan is not None and all(w == w and w != 1.0 for w in weights.values())
+        fast = plan if plan is not None and all(w == w and w != 1.0 for w in weights.values()) else None
         checked = self.nonfinite != "allow"
         staged: dict[int, Tensor] = {}
         if checked:
-            if fast:
-                assert plan is not None
-                total = self._check_plan(plan)
+            if fast is not None:
+                total = self._check_plan(fast)
             else:
                 staged, total = self._check(binding)
             if not math.isfinite(float(total)):
@@ -499,9 +498,8 @@ class Averager:
                         f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; the average is "
                         "unchanged (pass nonfinite='skip' to skip and count such updates)"
                     )
-        if fast:
-            assert plan is not None
-            _run(plan.staged if checked else plan.plain, weights)
+        if fast is not None:
+            _run(fast.staged if checked else fast.plain, weights)
         else:
             with torch.no_grad():
                 for gi, g in enumerate(self._groups):
@@ -585,9 +583,7 @@ class Averager:
             else:
                 torch.cat(op[1], out=op[2])
                 sums.append(op[2].sum(dtype=torch.float32))
-        if not sums:
-            return 0.0
-        return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+        return _total(sums)
 
     def _gather(
         self, g: _Group, srcs: list[Tensor], chunk: tuple[int, int, int, int], flat: bool, staged: bool = False
@@ -631,10 +627,7 @@ class Averager:
             if keep:
                 staged[gi] = self._scratch_for(g.src_device, g.src_dtype, "gather", g.packed_numel)
             sums.extend(t.sum(dtype=torch.float32) for t in srcs[g.n_packed:])
-        if not sums:
-            return staged, 0.0
-        total = sums[0] if len(sums) == 1 else torch.stack([s.to(sums[0].device) for s in sums]).sum()
-        return staged, total
+        return staged, _total(sums)
 
     def _nonfinite_names(self, binding: _Binding) -> list[str]:
         bad = []
@@ -1073,17 +1066,25 @@ class Averager:
                 f"tracked={len(self._entries)} tensors/{n:,} elements, num_updates={self.num_updates})")
 
 
+def _total(sums: list[Tensor]) -> Tensor | float:
+    """One value that is finite iff every partial sum is (no host read here)."""
+    if not sums:
+        return 0.0
+    if len(sums) == 1:
+        return sums[0]
+    return torch.stack([s.to(sums[0].device) for s in sums]).sum()
+
+
 def _run(ops: list[_Op], weights: Mapping[str, float]) -> None:
     """Run a plan's operations. Sources are detached and averages need no grad: no no_grad() needed."""
-    lerp, cat, foreach = _LERP, torch.cat, torch._foreach_lerp_
     for op in ops:
         code = op[0]
-        if code == lerp:
+        if code == _LERP:
             op[2].lerp_(op[3], weights[op[1]])
         elif code == _GATHER:
-            cat(op[1], out=op[2])
+            torch.cat(op[1], out=op[2])
         else:
-            foreach(op[2], op[3], weights[op[1]])
+            torch._foreach_lerp_(op[2], op[3], weights[op[1]])
 
 
 def _tiling(ts: list[Tensor]) -> list[int] | None:
