@@ -3,6 +3,7 @@
 The public API is what this module lists in ``__all__``; everything else is private.
 """
 
+from . import _boot  # noqa: F401  # first: the command's Ctrl-C/SIGTERM handling while torch imports
 from ._bn import has_running_stats, recompute_bn
 from ._duration import Duration
 from ._engine import Averager, canonical_name, make_contiguous, named_tensors, unwrap_model

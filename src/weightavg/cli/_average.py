@@ -9,14 +9,10 @@ model whatever the number of inputs; the averaging arithmetic is the engine's.
 from __future__ import annotations
 
 import collections
-import contextlib
 import datetime
 import json
 import os
-import shutil
-import tempfile
 import warnings
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +24,7 @@ from torch import Tensor
 from .. import __version__
 from .._engine import Averager, canonical_name
 from .._errors import MismatchError, NonFiniteError, WeightAvgError, bad_arg
+from .._files import InputError, atomic_output, check_output, input_path, load_torch_untrusted, member
 from .._rules import ema, mean
 
 __all__ = ["CheckpointError", "average_checkpoints", "load_checkpoint", "read_signature"]
@@ -35,10 +32,31 @@ __all__ = ["CheckpointError", "average_checkpoints", "load_checkpoint", "read_si
 Kind = Literal["torch", "safetensors", "hf"]
 _SAFETENSORS_NAMES = ("model.safetensors",)
 _BIN_NAMES = ("pytorch_model.bin",)
-# files of a training run's checkpoint directory that belong to one input only: not copied
-_TRAINING_STATE = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "trainer_state.json",
-                   "training_args.bin")
 _BN_STATS = ("running_mean", "running_var")
+
+# Files of a Hugging Face model directory that the output takes from the last input: configs,
+# tokenizer and processor files, the model card and licence. Nothing else is copied: no weights that
+# were not averaged (other formats, stale shards), no training state (optimizer, scheduler, RNG,
+# weightavg_state.pt, trainer_state.json), no code, no dotfiles, no symbolic links.
+_COPIED_FILES = frozenset({
+    "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "sentencepiece.model", "source.spm", "target.spm", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
+    "feature_extractor_config.json", "video_preprocessor_config.json",
+    "README.md", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "USE_POLICY.md",
+})
+# Entries of a nested torch checkpoint (--key) that describe the model, kept in the output next to
+# the averaged weights; everything else (epoch, global_step, loops, callbacks, optimizer_states,
+# lr_schedulers, precision-plugin and datamodule state...) is training state of one input: dropped.
+_KEPT_ENTRIES = frozenset({
+    "pytorch-lightning_version", "hyper_parameters", "hparams_name", "hparams_type",
+    "datamodule_hyper_parameters", "datamodule_hparams_name", "datamodule_hparams_type",
+    "config", "model_config", "hparams", "args", "model_args",
+})
+_MAX_DEPTH = 100  # nesting refused beyond this (pickles can build million-deep or cyclic nests)
+_SUGGEST_NODES = 100_000  # containers looked at to suggest a --key
 
 
 class CheckpointError(WeightAvgError):
@@ -58,25 +76,56 @@ class _Input:
     weight_map: dict[str, str] = field(default_factory=dict)  # HF sharded: name -> file name
 
 
+def _read_index(path: Path, index: Path, ext: str) -> dict[str, str]:
+    """The ``weight_map`` of a shard index, each file checked (plain name, inside, regular file)."""
+    try:
+        data = json.loads(index.read_bytes())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{index}: not a readable shard index: {' '.join(str(err).split())[:200]}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: not a shard index: expected a JSON object with a non-empty "
+                              "'weight_map' of tensor name -> shard file name")
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str):
+            raise CheckpointError(f"{index}: weight_map[{name!r}] is {type(fname).__name__}, expected a "
+                                  "shard file name")
+        member(path, fname, what=f"{index.name} (weight_map[{name!r}])")
+        if not fname.endswith(ext):
+            raise CheckpointError(f"{index}: weight_map[{name!r}] names {fname!r}: a shard of this index "
+                                  f"must be a {ext} file")
+    return dict(weight_map)
+
+
 def _hf_input(path: Path) -> _Input:
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot list the directory ({err.strerror or err})") from None
     for fmt, ext in (("safetensors", ".safetensors"), ("torch", ".bin")):
-        indexes = sorted(path.glob(f"*{ext}.index.json"))
+        indexes = [n for n in names if n.endswith(f"{ext}.index.json") and not n.startswith(".")]
+        if len(indexes) > 1:
+            raise CheckpointError(f"{path}: holds {len(indexes)} shard indexes ({', '.join(indexes)}): "
+                                  "cannot tell which one describes the model")
         if len(indexes) == 1:
-            try:
-                weight_map = json.loads(indexes[0].read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{indexes[0]}: not a readable shard index ({err})") from err
+            index = member(path, indexes[0], what="its shard index")
+            weight_map = _read_index(path, index, ext)
             files = list(dict.fromkeys(weight_map.values()))
             return _Input(path, "hf", [path / f for f in files], fmt,  # type: ignore[arg-type]
-                          indexes[0], dict(weight_map))
-    for fmt, names, pattern in (("safetensors", _SAFETENSORS_NAMES, "*.safetensors"),
-                                ("torch", _BIN_NAMES, "*.bin")):
-        for n in names:
-            if (path / n).is_file():
-                return _Input(path, "hf", [path / n], fmt)  # type: ignore[arg-type]
-        found = [p for p in sorted(path.glob(pattern)) if p.name not in _TRAINING_STATE]
+                          index, weight_map)
+    for fmt, known, ext in (("safetensors", _SAFETENSORS_NAMES, ".safetensors"), ("torch", _BIN_NAMES, ".bin")):
+        for n in known:
+            if n in names:
+                return _Input(path, "hf", [member(path, n, what="its weights")], fmt)  # type: ignore[arg-type]
+        found = [n for n in names if n.endswith(ext) and not n.startswith(".") and n != "training_args.bin"
+                 and not n.startswith(("optimizer", "scheduler", "scaler", "rng_state"))]
         if len(found) == 1:
-            return _Input(path, "hf", found, fmt)  # type: ignore[arg-type]
+            return _Input(path, "hf", [member(path, found[0], what="its weights")], fmt)  # type: ignore[arg-type]
+        if len(found) > 1:
+            shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
+            raise CheckpointError(
+                f"{path}: holds {len(found)} *{ext} files ({shown}) but no {known[0]} and no "
+                f"*{ext}.index.json: cannot tell which file holds the model (shards need their index)")
     raise CheckpointError(
         f"{path} is a directory without model weights: expected model.safetensors, "
         "pytorch_model.bin, or a *.safetensors.index.json / *.bin.index.json shard index"
@@ -84,8 +133,10 @@ def _hf_input(path: Path) -> _Input:
 
 
 def _detect(path: Path) -> _Input:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
+    try:
+        input_path(path)
+    except InputError as err:
+        raise CheckpointError(str(err)) from None
     if path.is_dir():
         return _hf_input(path)
     if path.suffix == ".safetensors":
@@ -94,20 +145,11 @@ def _detect(path: Path) -> _Input:
 
 
 def _torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``, memory-mapped when the file allows it."""
+    """``torch.load(weights_only=True)``, memory-mapped when the file allows it (one-line errors)."""
     try:
-        mmap = zipfile.is_zipfile(path)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as err:
-        if type(err).__name__ == "UnpicklingError":
-            raise CheckpointError(
-                f"{path}: refused: it holds Python objects that are not plain weights, and torch "
-                "files are only read with weights_only=True (re-save it as a state_dict or "
-                "safetensors from code you trust)"
-            ) from err
-        msg = " ".join(str(err).split())
-        raise CheckpointError(f"{path}: cannot read this torch file (truncated or corrupt?): "
-                              f"{msg[:200]}") from err
+        return load_torch_untrusted(path)
+    except InputError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _safetensors_open(path: Path) -> Any:
@@ -117,25 +159,72 @@ def _safetensors_open(path: Path) -> Any:
         raise CheckpointError(f"{path}: reading safetensors needs the 'safetensors' package: "
                               "pip install 'weightavg[safetensors]'") from err
     try:
+        input_path(path)
         return safe_open(str(path), framework="pt", device="cpu")
+    except InputError as err:
+        raise CheckpointError(str(err)) from None
     except Exception as err:
         msg = " ".join(str(err).split())
         raise CheckpointError(f"{path}: cannot read this safetensors file (truncated or corrupt?): "
                               f"{msg[:200]}") from err
 
 
-def _tensor_holders(obj: Any, prefix: str = "", depth: int = 0) -> list[str]:
-    """Dotted keys under which ``obj`` holds a flat mapping of tensors (to suggest --key)."""
+def _children(node: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            yield str(k), v
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield str(i), v
+
+
+def _tensor_holders(obj: Any, prefix: str = "", limit: int = 5) -> list[str]:
+    """Dotted keys under which ``obj`` holds a flat mapping of tensors (to suggest --key).
+
+    Breadth-first and iterative, each container looked at once (a pickle can reference one dict
+    from many places, or from itself), at most :data:`_SUGGEST_NODES` containers and
+    :data:`_MAX_DEPTH` levels: bounded time whatever the file.
+    """
     out: list[str] = []
-    if not isinstance(obj, Mapping) or depth > 3:
-        return out
-    for k, v in obj.items():
-        if isinstance(v, Mapping) and v:
-            if all(isinstance(t, Tensor) for t in v.values()):
-                out.append(f"{prefix}{k}")
-            else:
-                out += _tensor_holders(v, f"{prefix}{k}.", depth + 1)
+    seen: set[int] = set()
+    queue = collections.deque([(obj, prefix, 0)])
+    budget = _SUGGEST_NODES
+    while queue and len(out) < limit and budget > 0:
+        node, where, depth = queue.popleft()
+        if id(node) in seen or depth > _MAX_DEPTH or not isinstance(node, Mapping):
+            continue
+        seen.add(id(node))
+        budget -= 1
+        for k, v in node.items():
+            if isinstance(v, Mapping) and v and id(v) not in seen:
+                if all(isinstance(t, Tensor) for t in v.values()):
+                    out.append(f"{where}{k}")
+                    seen.add(id(v))
+                else:
+                    queue.append((v, f"{where}{k}.", depth + 1))
     return out
+
+
+def _inspect(obj: Any, where: str, path: Path) -> bool:
+    """Whether ``obj`` holds a tensor anywhere; refuses nesting deeper than :data:`_MAX_DEPTH`.
+
+    Iterative, each container looked at once (cycles and shared references are fine).
+    """
+    seen: set[int] = set()
+    stack = [(obj, 0)]
+    found = False
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Tensor):
+            found = True
+            continue
+        if not isinstance(node, (Mapping, list, tuple)) or id(node) in seen:
+            continue
+        if depth >= _MAX_DEPTH:
+            raise CheckpointError(f"{path}: entry {where!r} nests deeper than {_MAX_DEPTH} levels: refused")
+        seen.add(id(node))
+        stack.extend((v, depth + 1) for _, v in _children(node))
+    return found
 
 
 def _select(obj: Any, key: str | None, path: Path) -> Mapping[str, Tensor]:
@@ -148,21 +237,24 @@ def _select(obj: Any, key: str | None, path: Path) -> Mapping[str, Tensor]:
             for part in key.split("."):
                 if not isinstance(node, Mapping) or part not in node:
                     keys = sorted(map(str, node)) if isinstance(node, Mapping) else []
+                    holders = _tensor_holders(obj)
+                    hint = (f"; it holds tensors under {', '.join(repr(h) for h in holders)}: pass "
+                            f"--key {holders[0]}") if holders else ""
                     raise CheckpointError(f"{path}: no entry {key!r} (--key); top-level keys: "
-                                          f"{', '.join(keys[:12]) or '(none)'}")
+                                          f"{', '.join(keys[:12]) or '(none)'}{hint}")
                 node = node[part]
         obj = node
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds an object of type {type(obj).__name__}, not a mapping "
                               "of name -> tensor")
-    bad = [(k, type(v).__name__) for k, v in obj.items() if not isinstance(v, Tensor)]
-    if bad:
-        holders = _tensor_holders(obj)
-        hint = (f"; it holds tensors under {', '.join(repr(h) for h in holders[:5])}: pass "
+    bad = next(((k, type(v).__name__) for k, v in obj.items() if not isinstance(v, Tensor)), None)
+    if bad is not None:
+        holders = _tensor_holders(obj, f"{key}." if key else "")
+        hint = (f"; it holds tensors under {', '.join(repr(h) for h in holders)}: pass "
                 f"--key {holders[0]}") if holders else ""
         where = f"entry {key!r}" if key else "it"
         raise CheckpointError(f"{path}: {where} is not a flat mapping of name -> tensor "
-                              f"(entry {bad[0][0]!r} is of type {bad[0][1]}){hint}")
+                              f"(entry {bad[0]!r} is of type {bad[1]}){hint}")
     if not obj:
         raise CheckpointError(f"{path}: holds no tensors")
     return obj
@@ -172,6 +264,10 @@ def load_checkpoint(path: str | os.PathLike[str], key: str | None = None) -> dic
     """Read the ``{name: tensor}`` weights of one checkpoint (torch, safetensors or HF directory).
 
     torch files are read with ``weights_only=True`` (memory-mapped when possible).
+
+    Raises:
+        CheckpointError: the path is missing, refused (see the README's "Security" section) or
+            does not hold a mapping of tensors.
     """
     inp = _detect(Path(path))
     return _load(inp, key)
@@ -188,14 +284,27 @@ def _load(inp: _Input, key: str | None) -> dict[str, Tensor]:
                     part = {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118 - not a dict
                 except Exception as err:
                     raise CheckpointError(f"{f}: cannot read this safetensors file (truncated or "
-                                          f"corrupt?): {err}") from err
+                                          f"corrupt?): {' '.join(str(err).split())[:200]}") from err
         else:
             part = dict(_select(_torch_load(f), key if inp.kind == "torch" else None, f))
+        if inp.index is not None:
+            _check_shard(inp, f, part)
         dup = set(part) & set(out)
         if dup:
             raise CheckpointError(f"{inp.path}: tensor {sorted(dup)[0]!r} is in several shards")
         out.update(part)
     return out
+
+
+def _check_shard(inp: _Input, f: Path, names: Mapping[str, Any]) -> None:
+    assert inp.index is not None
+    listed = {n for n, fname in inp.weight_map.items() if fname == f.name}
+    extra = sorted(set(names) - listed)
+    missing = sorted(listed - set(names))
+    if extra or missing:
+        what = (f"holds {extra[0]!r}, which the index places elsewhere or not at all" if extra
+                else f"lacks {missing[0]!r}, which the index places there")
+        raise CheckpointError(f"{inp.index}: does not match its shards: {f.name} {what}")
 
 
 def read_signature(inp: _Input, key: str | None) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -251,65 +360,12 @@ def _compare(ref: dict[str, tuple[tuple[int, ...], str]], other: dict[str, tuple
     return f"{name} differs from {ref_name}: " + "; ".join(parts)
 
 
-# ----------------------------------------------------------------------------- atomic output
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _tmp_sibling(out: Path, directory: bool) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
-@contextlib.contextmanager
-def _atomic_output(out: Path, *, directory: bool, force: bool) -> Iterator[Path]:
-    """Yield a temporary path next to ``out``; on success it replaces ``out`` in one rename.
-
-    On any failure (including KeyboardInterrupt) the temporary file or directory is removed and
-    ``out`` is left as it was.
-    """
-    if out.exists() and not force:
-        raise CheckpointError(f"{out} exists: pass --force to replace it")
-    if out.exists() and out.is_dir() != directory:
-        kind = "a directory" if out.is_dir() else "a file"
-        raise CheckpointError(f"{out} is {kind}: the output here is {'a directory' if directory else 'a file'}")
-    tmp = _tmp_sibling(out, directory)
-    try:
-        yield tmp
-        # mkstemp/mkdtemp create private (0600/0700) paths: give the output the usual permissions
-        os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
-        if directory:
-            if out.exists():
-                old = _tmp_sibling(out, True)
-                os.rmdir(old)
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        else:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-    except BaseException:
-        if directory:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise
+# ----------------------------------------------------------------------------- output
 
 
 def _save_torch(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
+    with open(path, "wb") as f:  # write errors (disk full...) surface as OSError
+        torch.save(obj, f)
 
 
 def _save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -330,7 +386,8 @@ def _flat_torch(tensors: dict[str, Tensor], template: Any, note: str) -> collect
     old = getattr(template, "_metadata", None)
     if isinstance(old, Mapping):
         for k, v in old.items():
-            meta[k] = dict(v) if isinstance(v, Mapping) else v
+            if isinstance(k, str) and isinstance(v, Mapping):
+                meta[k] = {str(a): b for a, b in v.items() if isinstance(b, (int, float, str, bool))}
     root = dict(meta.get("", {}))
     root["weightavg"] = note
     meta[""] = root
@@ -338,46 +395,70 @@ def _flat_torch(tensors: dict[str, Tensor], template: Any, note: str) -> collect
     return out
 
 
-def _holds_tensor(obj: Any) -> bool:
-    if isinstance(obj, Tensor):
-        return True
-    if isinstance(obj, Mapping):
-        return any(_holds_tensor(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(_holds_tensor(v) for v in obj)
-    return False
+def _ties(tensors: Mapping[str, Tensor]) -> dict[str, str]:
+    """Name -> first name of the same tensor, for names that share one storage (tied weights)."""
+    first: dict[tuple[Any, ...], str] = {}
+    out: dict[str, str] = {}
+    for n, t in tensors.items():
+        if t.numel() == 0:
+            continue
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            continue
+        sig = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if sig in first:
+            out[n] = first[sig]
+        else:
+            first[sig] = n
+    return out
+
+
+def _retie(tensors: dict[str, Tensor], ties: Mapping[str, str]) -> dict[str, Tensor]:
+    """``tensors`` with each tied name pointing at its first name's tensor (one storage in the file)."""
+    out = dict(tensors)
+    for n, src in ties.items():
+        if n in out and src in out and torch.equal(out[n], out[src]):
+            out[n] = out[src]
+    return out
 
 
 def _nested_torch(
-    tensors: dict[str, Tensor], last: Any, key: str, note: dict[str, Any]
+    tensors: dict[str, Tensor], last: Any, key: str, note: dict[str, Any], path: Path
 ) -> tuple[dict[str, Any], list[str]]:
-    """The last input's structure with the averaged weights at ``key``.
+    """The averaged weights at ``key`` with the last input's model description, and nothing else.
 
-    Other entries that hold tensors (optimizer states...) belong to one input only: dropped.
+    Kept next to the weights: the top-level entries of :data:`_KEPT_ENTRIES` that hold no
+    tensors (Lightning's ``hyper_parameters``, ``pytorch-lightning_version``...). Dropped, and
+    returned: everything else, i.e. one input's training state (``epoch``, ``global_step``,
+    ``loops``, ``callbacks``, ``optimizer_states``, ``lr_schedulers``...) and other weights. The
+    output is marked weights-only: it cannot resume a training run.
     """
-    path = [key] if key in last else key.split(".")
+    route = [key] if key in last else key.split(".")
     dropped: list[str] = []
 
     def rebuild(node: Mapping[str, Any], rest: list[str], prefix: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in node.items():
             if k == rest[0]:
-                if len(rest) == 1:
-                    out[k] = _flat_torch(tensors, v, json.dumps(note))
-                else:
-                    out[k] = rebuild(v, rest[1:], f"{prefix}{k}.")
-            elif _holds_tensor(v):
-                dropped.append(f"{prefix}{k}")
-            else:
+                out[k] = (_flat_torch(tensors, v, json.dumps(note)) if len(rest) == 1
+                          else rebuild(v, rest[1:], f"{prefix}{k}."))
+            elif not prefix and k in _KEPT_ENTRIES and not _inspect(v, str(k), path):
                 out[k] = v
+            else:
+                dropped.append(f"{prefix}{k}")
         return out
 
-    out = rebuild(last, path, "")
-    out["weightavg"] = note
+    out = rebuild(last, route, "")
+    out["weightavg"] = {**note, "weights_only": True}
     return out, dropped
 
 
 # ----------------------------------------------------------------------------- averaging
+
+
+def _nonfinite(tensors: Mapping[str, Tensor], names: Sequence[str]) -> list[str]:
+    return [n for n in names if not bool(torch.isfinite(tensors[n]).all())]
 
 
 def average_checkpoints(
@@ -395,7 +476,8 @@ def average_checkpoints(
     Args:
         inputs: checkpoints in averaging order: torch files, ``.safetensors`` files or Hugging Face
             model directories (all of one kind).
-        output: the output file (directory for Hugging Face inputs).
+        output: the output file (directory for Hugging Face inputs); it may not be, nor contain,
+            one of the inputs.
         last: average only the last ``last`` inputs, uniformly (LAWA).
         ema_decay: instead of a uniform mean, an EMA over the inputs in order (first one copied):
             ``avg ← decay · avg + (1 − decay) · next``.
@@ -404,18 +486,21 @@ def average_checkpoints(
         warn: also issue the returned warnings with :func:`warnings.warn` (the CLI prints them).
 
     Returns:
-        A JSON-ready summary (what was averaged, counts, warnings).
+        A JSON-ready summary (what was averaged, counts, files copied, entries dropped, warnings).
 
     Raises:
-        CheckpointError: unreadable input, refused pickle, no weights, output exists.
+        CheckpointError: unreadable or refused input, no floating-point weights, NaN/Inf in an
+            input.
         MismatchError: inputs with different names, shapes or dtypes (all differences listed).
         ConfigError: bad ``last``/``ema_decay``/``key``.
+        weightavg._files.OutputError: the output exists (without ``force``), equals or contains
+            an input, or cannot be written; nothing is replaced then.
 
     .. note::
         Floating tensors are averaged in float32 (float64 when an input holds float64) through
-        :class:`weightavg.Averager` and written back in their own dtype; integer and bool tensors
-        are copied from the last input. BatchNorm running statistics are averaged like any tensor
-        and a warning says to recompute them (:func:`weightavg.recompute_bn`).
+        :class:`weightavg.Averager` and written back in their own dtype; integer, bool and empty
+        tensors are copied from the last input. BatchNorm running statistics are averaged like any
+        tensor and a warning says to recompute them (:func:`weightavg.recompute_bn`).
     """
     paths = [Path(p) for p in inputs]
     out = Path(output)
@@ -431,17 +516,15 @@ def average_checkpoints(
     if key is not None and not key:
         raise bad_arg("--key", key, "a non-empty entry name such as state_dict")
     used = paths[-last:] if last is not None else paths
-    resolved_out = out.resolve()
     items = [_detect(p) for p in used]
     kinds = {i.kind for i in items}
     if "hf" in kinds and len(kinds) > 1:
         raise CheckpointError("inputs mix Hugging Face directories and files: give one kind")
     if len({i.file_format for i in items}) > 1 or (len(kinds) > 1):
         raise CheckpointError("inputs mix torch and safetensors files: give one format")
-    if out.exists() and not force:
-        raise CheckpointError(f"{out} exists: pass --force to replace it")
-    if any(p.resolve() == resolved_out for p in used) and not force:
-        raise CheckpointError(f"{out} is one of the inputs: pass --force to replace it")
+    layout = items[-1]  # the output takes the last input's format, layout and model files
+    # refuse an existing output, or one that is or contains an input, before any work
+    check_output(out, directory=layout.kind == "hf", force=force, inputs=paths)
 
     # 1. names, shapes and dtypes of every input, before any averaging
     sigs = [read_signature(i, key) for i in items]
@@ -455,31 +538,46 @@ def average_checkpoints(
     if len(canon) != len(names):
         raise CheckpointError("tensor names collide once 'module.'/'_orig_mod.' prefixes are "
                               "removed; cannot pair them by name")
-    floating = [n for n, (_, d) in ref.items() if d.startswith(("float", "bfloat", "complex"))]
+    floating_set = {n for n, (shape, d) in ref.items()
+                    if d.startswith(("float", "bfloat", "complex")) and 0 not in shape}
+    floating = [n for n in names if n in floating_set]
+    if not floating:
+        kinds_seen = sorted({d for _, d in ref.values()})
+        raise CheckpointError(
+            f"{items[0].path}: nothing to average: its {len(names)} tensor(s) are all integer, bool or "
+            f"empty ({', '.join(kinds_seen)}); weightavg average averages floating-point weights only")
     acc_dtype = torch.float64 if any(ref[n][1] == "float64" for n in floating) else torch.float32
 
-    # 2. stream the inputs through one Averager
+    # 2. stream the inputs through one Averager (floating, non-empty tensors only)
     rule = ema(decay=float(ema_decay)) if ema_decay is not None else mean()
     avg: Averager | None = None
+    tensors: dict[str, Tensor] = {}
     for inp in items:
+        tensors = {}  # drop the previous input before reading the next one
         tensors = _load(inp, key)
+        part = {n: tensors[n] for n in floating}
         try:
             if avg is None:
-                avg = Averager(tensors, rule=rule, dtype=acc_dtype)
-            avg.update(tensors)
-        except NonFiniteError as err:
-            raise CheckpointError(f"{inp.path}: holds NaN or Inf: {err}") from err
-        del tensors
+                avg = Averager(part, rule=rule, dtype=acc_dtype)
+            avg.update(part)
+        except NonFiniteError:
+            bad = _nonfinite(part, floating)
+            raise CheckpointError(
+                f"{inp.path}: holds NaN or Inf in {len(bad)} tensor(s): {', '.join(bad[:5])}"
+                f"{' ...' if len(bad) > 5 else ''}; weightavg average refuses non-finite inputs: leave "
+                "this checkpoint out of the list (or use --last K to average only later ones)") from None
+        del part
     assert avg is not None
     averaged = avg.export_state_dict()
-    result = {canon[c]: averaged[c] for c in canon}  # input order, original names
-    del averaged
+    # input order, original names; integer, bool and empty tensors from the last input
+    result = {n: averaged[canonical_name(n)] if n in floating_set else tensors[n] for n in names}
+    del averaged, tensors
 
     method = "ema" if ema_decay is not None else ("last_k" if last is not None else "mean")
     description = {"mean": "uniform average",
                    "last_k": f"uniform average of the last {last} of {len(paths)}",
                    "ema": f"EMA (decay {ema_decay:g})" if ema_decay is not None else ""}[method]
-    copied = [n for n in names if n not in floating]
+    copied = [n for n in names if n not in floating_set]
     note: dict[str, Any] = {
         "tool": f"weightavg {__version__}",
         "method": method,
@@ -501,27 +599,29 @@ def average_checkpoints(
     note["warnings"] = notes
 
     # 3. write atomically, in the inputs' format
-    layout = items[-1]  # the output takes the last input's format, layout and extra files
     dropped: list[str] = []
+    files: dict[str, list[str]] = {"copied": [], "not_copied": []}
     if layout.kind == "hf":
-        with _atomic_output(out, directory=True, force=force) as tmp:
-            _write_hf(result, layout, tmp, note)
+        with atomic_output(out, directory=True, force=force, inputs=paths, notes=notes) as tmp:
+            files = _write_hf(result, layout, tmp, note)
     elif layout.kind == "safetensors":
         meta = _safetensors_metadata(layout.path)
         meta["weightavg"] = json.dumps(note)
-        with _atomic_output(out, directory=False, force=force) as tmp:
+        with atomic_output(out, force=force, inputs=paths, notes=notes) as tmp:
             _save_safetensors(result, tmp, meta)
     else:
         template = _torch_load(layout.path)
+        result = _retie(result, _ties(_select(template, key, layout.path)))
         if key is not None:
-            obj, dropped = _nested_torch(result, template, key, note)
+            obj, dropped = _nested_torch(result, template, key, note, layout.path)
             if dropped:  # lands in obj["weightavg"] too (the same list)
-                notes.append(f"entries holding tensors other than --key {key!r} were not written "
-                            f"(they belong to one input): {', '.join(dropped)}")
+                notes.append(f"entries other than --key {key!r} and the model's description were not "
+                             f"written (training state or weights of one input; the output is "
+                             f"weights-only): {', '.join(dropped)}")
         else:
             obj = _flat_torch(result, template, json.dumps(note))
         del template
-        with _atomic_output(out, directory=False, force=force) as tmp:
+        with atomic_output(out, force=force, inputs=paths, notes=notes) as tmp:
             _save_torch(obj, tmp)
     if warn:
         for w in notes:
@@ -539,23 +639,40 @@ def average_checkpoints(
         "copied_tensors": copied,
         "accumulation_dtype": _dtype_name(acc_dtype),
         "dropped_entries": dropped,
+        "copied_files": files["copied"],
+        "not_copied_files": files["not_copied"],
         "warnings": notes,
     }
 
 
-def _write_hf(tensors: dict[str, Tensor], layout: _Input, tmp: Path, note: dict[str, Any]) -> None:
+def _write_hf(tensors: dict[str, Tensor], layout: _Input, tmp: Path, note: dict[str, Any]) -> dict[str, list[str]]:
+    """Write the averaged weights in the last input's layout and copy its allowlisted files.
+
+    Returns the names of the files copied from the last input and of those left out.
+    """
     weight_files = {f.name for f in layout.files}
     if layout.index is not None:
         weight_files.add(layout.index.name)
-    skipped = []
-    for f in sorted(layout.path.iterdir()):
-        if not f.is_file() or f.name in weight_files:
+    copied: list[str] = []
+    skipped: list[str] = []
+    for name in sorted(os.listdir(layout.path)):
+        if name in weight_files:
             continue
-        if f.name in _TRAINING_STATE or f.name.startswith("rng_state"):
-            skipped.append(f.name)
+        if name not in _COPIED_FILES:
+            skipped.append(name)
             continue
-        shutil.copy2(f, tmp / f.name)
-    note = {**note, "copied_files_from": str(layout.path), "not_copied": skipped}
+        try:
+            src = member(layout.path, name, what="a file to copy")
+            if src.is_symlink():
+                raise InputError(f"{src}: a symbolic link")
+        except InputError:
+            skipped.append(name)  # never copy a link or anything but a regular file
+            continue
+        with open(src, "rb") as fin, open(tmp / name, "wb") as fout:
+            while chunk := fin.read(1 << 20):
+                fout.write(chunk)
+        copied.append(name)
+    note = {**note, "copied_files_from": str(layout.path), "copied_files": copied, "not_copied": skipped}
     text = json.dumps(note)
     if layout.index is None:
         groups = {layout.files[0].name: list(tensors)}
@@ -570,9 +687,22 @@ def _write_hf(tensors: dict[str, Tensor], layout: _Input, tmp: Path, note: dict[
             meta["weightavg"] = text
             _save_safetensors(part, tmp / fname, meta)
         else:
+            part = _retie(part, _ties(_select(_torch_load(layout.path / fname), None, layout.path / fname)))
             _save_torch(_flat_torch(part, None, text), tmp / fname)
         os.chmod(tmp / fname, 0o666 & ~_umask())
     if layout.index is not None:
-        index = json.loads(layout.index.read_text())
-        index.setdefault("metadata", {})["weightavg"] = note
+        index = json.loads(layout.index.read_bytes())
+        index.setdefault("metadata", {})
+        if not isinstance(index["metadata"], dict):
+            index["metadata"] = {}
+        index["metadata"]["weightavg"] = note
+        index["weight_map"] = layout.weight_map
         (tmp / layout.index.name).write_text(json.dumps(index, indent=2) + "\n")
+    return {"copied": copied, "not_copied": skipped}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+

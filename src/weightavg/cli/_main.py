@@ -2,22 +2,33 @@
 
 ``main(argv)`` returns the exit status: 0 on success, 1 with a one-line reason on a user error
 (bad input file, missing optional package...), 2 for a malformed command line (argparse), 130 when
-interrupted. Tracebacks are kept for bugs, not for user errors.
+interrupted (Ctrl-C), 143 when terminated (SIGTERM), 141 when stdout is closed early (``| head``).
+Tracebacks are kept for bugs, not for user errors. Every file a command writes goes through
+:func:`weightavg._files.atomic_output` (no-clobber without ``--force``, atomic, cleaned up on
+errors and signals).
+
+A new subcommand: one ``_add_<name>(sub)`` function that builds its subparser and sets
+``func=cmd_<name>``, listed in ``_SUBCOMMANDS``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from .._errors import WeightAvgError, bad_arg
+from .._files import atomic_output, check_output, one_line_warnings
 
 __all__ = ["build_parser", "cmd_average", "cmd_demo", "cmd_plot_lr", "main"]
 
@@ -53,16 +64,24 @@ pickles holding arbitrary Python objects are refused.
 
 _PLOT_LR_EXAMPLES = """\
 examples:
-  weightavg plot-lr --lr 0.1 --swa-lr 0.001 --swa-start 2 --anneal-epochs 10 --epochs 20
-  weightavg plot-lr --lr 0.1 --swa-lr 0.001 --swa-start 2 --anneal-epochs 10 --strategy linear
+  weightavg plot-lr --lr 0.1 --swa-lr 0.001 --swa-epoch-start 2 --anneal-epochs 10 --epochs 20
+  weightavg plot-lr --lr 0.1 --swa-lr 0.001 --swa-epoch-start 2 --anneal-epochs 10 --strategy linear
   weightavg plot-lr --demo                        # the demo's SGD and SWA schedules
-  weightavg plot-lr --lr 0.05 --swa-lr 0.01 --swa-start 15 --epochs 20 --json
-  weightavg plot-lr --lr 0.05 --swa-lr 0.005 --swa-start 10 --cycle 4 --strategy linear --epochs 30
+  weightavg plot-lr --lr 0.05 --swa-lr 0.01 --swa-epoch-start 16 --epochs 20 --json
+  weightavg plot-lr --lr 0.05 --swa-lr 0.005 --swa-epoch-start 11 --cycle 4 --strategy linear --epochs 30
 
-The SWA phase is weightavg.SWA's (torch.optim.swa_utils.SWALR stepped once per epoch): the
-first SWA epoch uses the current learning rate, which then anneals (cos or linear) to swa_lr
-over --anneal-epochs epochs and stays there; with --cycle it restarts every cycle instead.
+Epochs are counted from 1, as on the plot and in Lightning's StochasticWeightAveraging:
+--swa-epoch-start N is Lightning's swa_epoch_start=N (the first SWA epoch is epoch N). The SWA
+phase is weightavg.SWA's (torch.optim.swa_utils.SWALR stepped once per epoch): the first SWA
+epoch uses the current learning rate, which then anneals (cos or linear) to swa_lr over
+--anneal-epochs epochs and stays there; with --cycle it restarts every cycle instead.
+(--swa-start K, the 0-based epoch index of earlier versions, still works: it is
+--swa-epoch-start K+1.)
 """
+
+
+class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Examples kept as written, and each option's default shown."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -181,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="EMA over the inputs in order: avg = DECAY*avg + (1-DECAY)*next")
     p.add_argument("--key", help="entry holding the weights in nested torch checkpoints, "
                    "e.g. state_dict (dots for deeper levels: model.ema)")
-    p.add_argument("-f", "--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-f", "--force", action="store_true", help="replace OUT if it exists (never an input)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=cmd_average)
 
@@ -189,25 +208,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "plot-lr", help="draw an SWA learning-rate schedule (SWALR) as PNG",
         description="Draw the learning rate per epoch of an SWA run: the schedule before the SWA "
-        "start, then SWALR's anneal to swa_lr.",
-        epilog=_PLOT_LR_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "start, then SWALR's anneal to swa_lr. Epochs are counted from 1.",
+        epilog=_PLOT_LR_EXAMPLES, formatter_class=_DefaultsFormatter,
     )
     p.add_argument("--lr", type=_positive_float("--lr"), default=0.1, help="model learning rate")
     p.add_argument("--swa-lr", type=_positive_float("--swa-lr"), default=0.001,
                    help="SWA learning rate")
-    p.add_argument("--swa-start", type=int, default=2, help="first SWA epoch (0-based)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--swa-epoch-start", type=_positive_int("--swa-epoch-start"), default=None,
+                       metavar="N", help="first SWA epoch, counted from 1 (Lightning's swa_epoch_start) "
+                       "(default: 2)")
+    start.add_argument("--swa-start", type=int, default=None, metavar="K",
+                       help="deprecated: the first SWA epoch's 0-based index; the same as "
+                       "--swa-epoch-start K+1")
     p.add_argument("--anneal-epochs", type=int, default=10, help="epochs of the anneal")
     p.add_argument("--strategy", choices=("cos", "linear"), default="cos", help="anneal shape")
     p.add_argument("--epochs", type=_positive_int("--epochs"), default=20, help="epochs drawn")
     p.add_argument("--before", choices=("constant", "cosine"), default="constant",
-                   help="learning rate before the SWA start (default constant)")
+                   help="learning rate before the SWA start")
     p.add_argument("--cycle", type=_positive_int("--cycle"), default=None, metavar="EPOCHS",
                    help="cyclic SWA phase (weightavg.SWA(cycle=...)): each cycle goes from the "
-                   "rate at the SWA start down to --swa-lr")
+                   "rate at the SWA start down to --swa-lr (default: no cycle)")
     p.add_argument("--demo", action="store_true",
                    help="draw the demo's schedules (SGD cosine and SWA; other options ignored)")
     p.add_argument("-o", "--output", type=Path, default=Path("lr_schedule.png"), metavar="PNG",
-                   help="output PNG (default lr_schedule.png)")
+                   help="output PNG")
+    p.add_argument("-f", "--force", action="store_true", help="replace the output PNG if it exists")
     p.add_argument("--json", action="store_true",
                    help="print the per-epoch learning rates as JSON (no matplotlib needed)")
     p.set_defaults(func=cmd_plot_lr)
@@ -280,10 +306,28 @@ def cmd_average(args: argparse.Namespace) -> int:
         print(f"wrote {report['output']}: {report['method_description']}{of}; "
               f"{report['num_averaged_tensors']} tensors averaged, {report['num_copied_tensors']} "
               "copied from the last input")
+        if report["format"].startswith("hf"):
+            copied = ", ".join(report["copied_files"]) or "none"
+            left = ", ".join(report["not_copied_files"]) or "none"
+            print(f"files copied from {report['inputs'][-1]}: {copied}; left out: {left}")
     return 0
 
 
 # ----------------------------------------------------------------------------- plot-lr
+
+
+def _swa_start_index(args: argparse.Namespace) -> int:
+    """The first SWA epoch's 0-based index from --swa-epoch-start (1-based) or --swa-start."""
+    if args.swa_start is not None:
+        print(f"weightavg plot-lr: warning: --swa-start is deprecated (a 0-based index): "
+              f"--swa-start {args.swa_start} is --swa-epoch-start {args.swa_start + 1}", file=sys.stderr)
+        if not 0 <= args.swa_start < args.epochs:
+            raise bad_arg("--swa-start", args.swa_start, f"an epoch index in [0, {args.epochs - 1}]")
+        return int(args.swa_start)
+    n = 2 if args.swa_epoch_start is None else args.swa_epoch_start
+    if not 1 <= n <= args.epochs:
+        raise bad_arg("--swa-epoch-start", n, f"an epoch in [1, {args.epochs}] (--epochs {args.epochs})")
+    return int(n) - 1
 
 
 def cmd_plot_lr(args: argparse.Namespace) -> int:
@@ -297,27 +341,27 @@ def cmd_plot_lr(args: argparse.Namespace) -> int:
         schedules = {"SGD (cosine)": sched["sgd"], "SWA (SWALR)": sched["swa"]}
         start = cfg.swa_start_epoch
         notes = [f"lr {cfg.lr:g}, swa_lr {cfg.swa_lr:g}",
-                 f"swa_start {start}, anneal {cfg.anneal_strategy} {cfg.anneal_epochs} ep"]
-        params: dict[str, Any] = {"demo": True, "lr": cfg.lr, "swa_lr": cfg.swa_lr, "swa_start": start,
-                                  "anneal_epochs": cfg.anneal_epochs, "strategy": cfg.anneal_strategy,
-                                  "epochs": cfg.epochs, "before": "cosine"}
+                 f"first SWA epoch {start + 1} (of {cfg.epochs}, from 1), anneal {cfg.anneal_strategy} "
+                 f"{cfg.anneal_epochs} ep"]
+        params: dict[str, Any] = {"demo": True, "lr": cfg.lr, "swa_lr": cfg.swa_lr,
+                                  "swa_epoch_start": start + 1, "anneal_epochs": cfg.anneal_epochs,
+                                  "strategy": cfg.anneal_strategy, "epochs": cfg.epochs, "before": "cosine"}
     else:
-        if not 0 <= args.swa_start < args.epochs:
-            raise bad_arg("--swa-start", args.swa_start, f"an epoch in [0, {args.epochs - 1}]")
+        start = _swa_start_index(args)
         if args.anneal_epochs < 0:
             raise bad_arg("--anneal-epochs", args.anneal_epochs, "a non-negative int")
-        lrs = swa_schedule(args.epochs, lr=args.lr, swa_start=args.swa_start, swa_lr=args.swa_lr,
+        lrs = swa_schedule(args.epochs, lr=args.lr, swa_start=start, swa_lr=args.swa_lr,
                            anneal_epochs=args.anneal_epochs, strategy=args.strategy,
                            before=args.before, cycle=args.cycle)
         schedules = {"learning rate": lrs}
-        start = args.swa_start
         notes = [f"model_lr: {args.lr:g}", f"swa_lr: {args.swa_lr:g}",
-                 f"swa_epoch_start: {args.swa_start}",
+                 f"swa_epoch_start: {start + 1} (epochs from 1)",
                  f"cycle: {args.cycle} epochs" if args.cycle else f"annealing_epochs: {args.anneal_epochs}",
                  f"annealing_strategy: {args.strategy}"]
-        params = {"demo": False, "lr": args.lr, "swa_lr": args.swa_lr, "swa_start": args.swa_start,
+        params = {"demo": False, "lr": args.lr, "swa_lr": args.swa_lr, "swa_epoch_start": start + 1,
                   "anneal_epochs": args.anneal_epochs, "strategy": args.strategy,
                   "epochs": args.epochs, "before": args.before, "cycle": args.cycle}
+    params["epochs_counted_from"] = 1  # schedules[name][i] is the rate of epoch i + 1
     if args.json:
         print(json.dumps({"params": params, "schedules": schedules}, indent=1))
         return 0
@@ -325,11 +369,13 @@ def cmd_plot_lr(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("matplotlib") is None:
         raise _MissingMatplotlib()
+    check_output(args.output, force=args.force)  # before drawing anything
     from ..demo._report import plot_schedule
 
     kind = "cyclic SWA" if not args.demo and args.cycle else "SWALR"
-    plot_schedule(schedules, args.output, title=f"Learning rate per epoch ({kind})", swa_start=start,
-                  notes=notes)
+    with atomic_output(args.output, force=args.force) as tmp:
+        plot_schedule(schedules, tmp, title=f"Learning rate per epoch ({kind})", swa_start=start,
+                      notes=notes)
     print(f"wrote {args.output}")
     return 0
 
@@ -348,23 +394,81 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+class _Terminated(BaseException):
+    """SIGTERM (or SIGHUP) arrived: unwinds like Ctrl-C, so that temporary files are removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals() -> Any:
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM/SIGHUP raise _Terminated while a command runs."""
+    if sys.platform == "win32" or not _main_thread():
+        yield
+        return
+    wanted: dict[int, Any] = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated}
+    if hasattr(signal, "SIGHUP"):
+        wanted[signal.SIGHUP] = _raise_terminated
+    old: dict[int, Any] = {}
+    for sig, handler in wanted.items():
+        with contextlib.suppress(ValueError, OSError):
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, handler)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _stdout_gone() -> int:
+    """stdout was closed by its reader (``weightavg ... --json | head``): exit quietly, like ``cat``."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 128 + 13  # SIGPIPE's conventional status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``weightavg`` command line; returns the exit status."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, --version (0) or a usage error (2)
-        return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else 2)
-    if getattr(args, "func", None) is None:
-        parser.print_help(sys.stderr)
-        return 2
     t0 = time.perf_counter()
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        print(f"weightavg {args.command}: interrupted after {time.perf_counter() - t0:.0f} s",
-              file=sys.stderr)
-        return 130
-    except (WeightAvgError, OSError) as err:
-        print(f"weightavg {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 1
+    command = "command"
+    with _signals(), warnings.catch_warnings():
+        one_line_warnings()
+        try:
+            parser = build_parser()
+            try:
+                args = parser.parse_args(argv)
+            except SystemExit as e:  # --help, --version (0) or a usage error (2)
+                return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else 2)
+            if getattr(args, "func", None) is None:
+                parser.print_help(sys.stderr)
+                return 2
+            command = args.command
+            rc = int(args.func(args))
+            sys.stdout.flush()
+            return rc
+        except KeyboardInterrupt:
+            print(f"weightavg {command}: interrupted after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            return 130
+        except _Terminated as t:
+            name = "terminated" if t.signum == signal.SIGTERM else "hung up"
+            print(f"weightavg {command}: {name} after {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            return 128 + t.signum
+        except BrokenPipeError:
+            return _stdout_gone()
+        except (WeightAvgError, OSError) as err:
+            print(f"weightavg {command}: error: {_one_line(err)}", file=sys.stderr)
+            return 1
