@@ -315,7 +315,10 @@ def read_signature(inp: _Input, key: str | None) -> dict[str, tuple[tuple[int, .
         sig: dict[str, tuple[tuple[int, ...], str]] = {}
         for f in inp.files:
             with _safetensors_open(f) as st:
-                for k in st.keys():  # noqa: SIM118 - safe_open is not a dict
+                names = list(st.keys())
+                if inp.index is not None:
+                    _check_shard(inp, f, dict.fromkeys(names))
+                for k in names:
                     sl = st.get_slice(k)
                     sig[k] = (tuple(sl.get_shape()), str(sl.get_dtype()).lower())
         return _normalize_sig(sig)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .._engine import Averager, Source, named_tensors, unwrap_model
 from .._errors import MismatchError, StateError, bad_arg, describe_mismatch
 from .._rules import mean
-from ._io import PathLike, load_state, save_state
+from ._io import PathLike, dtype_from_name, load_state, save_state
 
 __all__ = ["SWAG", "last_layer"]
 
@@ -467,7 +467,7 @@ class SWAG:
         if not isinstance(state, Mapping) or state.get("format") != "weightavg.SWAG":
             raise StateError("state is not a weightavg.SWAG state_dict (missing 'format' key)")
         cfg = state["config"]
-        dtype = getattr(torch, str(cfg.get("deviation_dtype", "float32")))
+        dtype = dtype_from_name(cfg.get("deviation_dtype", "float32"))
         swag = cls(model, max_rank=int(cfg["max_rank"]), params=cfg["params"],
                    include=cfg["include"] or None, exclude=cfg["exclude"] or None,
                    var_clamp=float(cfg["var_clamp"]), deviation_dtype=dtype, device=device)
