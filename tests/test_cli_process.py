@@ -162,7 +162,8 @@ def test_tied_weights_stay_tied_in_bin_and_pt_outputs(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     for f in (tmp_path / "avg" / "pytorch_model.bin", tmp_path / "avg.pt"):
         out = torch.load(f, weights_only=True)
-        assert out["lm_head.weight"].untyped_storage().data_ptr() == out["transformer.wte.weight"].untyped_storage().data_ptr()
+        ptr = out["transformer.wte.weight"].untyped_storage().data_ptr()
+        assert out["lm_head.weight"].untyped_storage().data_ptr() == ptr
         ref = (torch.load(dirs[0] / "pytorch_model.bin")["lm_head.weight"]
                + torch.load(dirs[1] / "pytorch_model.bin")["lm_head.weight"]) / 2
         torch.testing.assert_close(out["lm_head.weight"], ref)
@@ -187,7 +188,8 @@ def test_key_suggestion_is_the_full_dotted_key(tmp_path: Path) -> None:
 def test_text_file_named_pt_is_not_a_torch_file(tmp_path: Path) -> None:
     (tmp_path / "notes.pt").write_text("hello, these are my notes\n")
     torch.save(_state(0), tmp_path / "a.pt")
-    line = _error_line(_cli("average", str(tmp_path / "a.pt"), str(tmp_path / "notes.pt"), "-o", str(tmp_path / "o.pt")))
+    line = _error_line(_cli("average", str(tmp_path / "a.pt"), str(tmp_path / "notes.pt"),
+                            "-o", str(tmp_path / "o.pt")))
     assert f"{tmp_path / 'notes.pt'}: not a torch file" in line
 
 

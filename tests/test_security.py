@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from weightavg import _files
 from weightavg.cli import _average, main
 
 st = pytest.importorskip("safetensors.torch")
@@ -307,6 +306,8 @@ def test_force_replace_of_a_directory_survives_a_crash_at_any_step(exchange: boo
         assert p.returncode in (0, 9), p.stderr
         if not out.exists():  # only the fallback may leave this window: the next writer repairs it
             assert not exchange
+            from weightavg import _files
+
             _files._recover(out)
         _old_or_new(out)
         if p.returncode == 0:  # finished before its `step`-th rename: every step was tried
