@@ -80,8 +80,15 @@ epoch uses the current learning rate, which then anneals (cos or linear) to swa_
 """
 
 
-class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Examples kept as written, and each option's default shown."""
+class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written, and each option's default shown (unless None, False or said)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -216,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SWA learning rate")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--swa-epoch-start", type=_positive_int("--swa-epoch-start"), default=None,
-                       metavar="N", help="first SWA epoch, counted from 1 (Lightning's swa_epoch_start) "
+                       metavar="N", help="first SWA epoch, counted from 1: Lightning's swa_epoch_start "
                        "(default: 2)")
     start.add_argument("--swa-start", type=int, default=None, metavar="K",
                        help="deprecated: the first SWA epoch's 0-based index; the same as "
@@ -445,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``weightavg`` command line; returns the exit status."""
     t0 = time.perf_counter()
     command = "command"
+    format_warning = warnings.formatwarning
     with _signals(), warnings.catch_warnings():
         one_line_warnings()
         try:
@@ -472,3 +480,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (WeightAvgError, OSError) as err:
             print(f"weightavg {command}: error: {_one_line(err)}", file=sys.stderr)
             return 1
+        finally:
+            warnings.formatwarning = format_warning
