@@ -357,10 +357,20 @@ def test_output_that_is_or_contains_an_input_is_refused_even_with_force(tmp_path
     for i in range(2):
         torch.save(_state(i), run / "ckpt" / f"e{i}.pt")
     inputs = [str(run / "ckpt" / f"e{i}.pt") for i in range(2)]
-    for out in (run, run / "ckpt", run / "ckpt" / "e1.pt"):
+    for out in (run, run / "ckpt", run / "ckpt" / "e1.pt", run / "ckpt" / ".." / "ckpt"):
         rc, _, err = _run(["average", *inputs, "-o", str(out), "--force"], capsys)
-        assert rc == 1 and "the input" in err and "refused" in err, err
+        assert rc == 1 and "refused" in err, err
         assert all(Path(p).exists() for p in inputs)
+    (tmp_path / "elsewhere").mkdir()
+    cwd = os.getcwd()
+    os.chdir(tmp_path / "elsewhere")
+    try:
+        for out_name in (".", ".."):
+            rc, _, err = _run(["average", *inputs, "-o", out_name, "--force"], capsys)
+            assert rc == 1 and ("refused" in err or "give the output its own name" in err), err
+    finally:
+        os.chdir(cwd)
+    assert all(Path(p).exists() for p in inputs)
 
 
 def test_outputs_are_fsynced_files_and_directories(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -425,6 +425,8 @@ def check_output(out: Path, *, directory: bool = False, force: bool = False, inp
 
     Lets a command refuse its output before it does any work; :func:`atomic_output` checks again.
     """
+    if out.name in ("", ".", ".."):
+        raise OutputError(f"{out}: give the output its own name (not '.' or '..')")
     clash = _overlaps(out, inputs)
     if clash is not None:
         same = os.path.realpath(clash) == os.path.realpath(out)
