@@ -25,13 +25,19 @@ def is_command() -> bool:
     if argv0 in ("weightavg", "weightavg.exe", "weightavg-script.py"):
         return True
     orig = list(getattr(sys, "orig_argv", []))
-    for i, a in enumerate(orig):
-        if a == "-m" and i + 1 < len(orig):
-            return orig[i + 1] in ("weightavg", "weightavg.__main__")
+    i = 1
+    while i < len(orig):
+        a = orig[i]
+        if a == "-m":
+            return i + 1 < len(orig) and orig[i + 1] in ("weightavg", "weightavg.__main__")
         if a in ("-mweightavg", "-mweightavg.__main__"):
             return True
-        if a == "-c" or (not a.startswith("-") and i > 0):
+        if a in ("-X", "-W"):  # options that take a separate value
+            i += 2
+            continue
+        if a == "-c" or not a.startswith("-"):
             return False
+        i += 1
     return False
 
 
