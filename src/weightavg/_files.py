@@ -136,23 +136,6 @@ def member(directory: Path, name: object, *, what: str) -> Path:
     return path
 
 
-def regular_files(directory: Path) -> tuple[list[str], list[str]]:
-    """Names of the plain regular files of ``directory`` (sorted) and of the entries left out.
-
-    Left out: symbolic links (never copied or read through a directory listing), dotfiles,
-    subdirectories, FIFOs, devices.
-    """
-    keep: list[str] = []
-    skip: list[str] = []
-    with os.scandir(directory) as it:
-        for entry in it:
-            if is_plain_name(entry.name) and not entry.is_symlink() and entry.is_file(follow_symlinks=False):
-                keep.append(entry.name)
-            else:
-                skip.append(entry.name)
-    return sorted(keep), sorted(skip)
-
-
 def _torch_version() -> tuple[int, int]:
     import torch
 
@@ -505,12 +488,6 @@ def atomic_output(
     finally:
         with _LIVE_LOCK:
             _LIVE.discard(tmp)
-
-
-def write_text(out: Path, text: str, *, force: bool = False) -> None:
-    """Write ``text`` to ``out`` through :func:`atomic_output`."""
-    with atomic_output(out, force=force) as tmp:
-        tmp.write_text(text)
 
 
 def one_line_warnings() -> None:
