@@ -193,7 +193,9 @@ def _clone(t: Tensor | None) -> Tensor | None:
 
 
 def _uninitialized(t: Any) -> bool:
-    return isinstance(t, nn.parameter.UninitializedTensorMixin)
+    from torch.nn.parameter import UninitializedTensorMixin
+
+    return isinstance(t, UninitializedTensorMixin)
 
 
 def _measure_inputs(m: Any) -> bool:
@@ -293,17 +295,17 @@ def _pool_across_ranks(layers: list[Any], totals: dict[Any, tuple[int, Tensor, T
     out = {}
     off = 0
     for m, c in zip(layers, sizes, strict=True):
-        n = rows[:, off : off + 1]
+        counts = rows[:, off : off + 1]
         means, variances = rows[:, off + 1 : off + 1 + c], rows[:, off + 1 + c : off + 1 + 2 * c]
         off += 1 + 2 * c
-        total = round(float(n.sum()))
+        total = round(float(counts.sum()))
         if total == 0:
             out[m] = totals[m]
             continue
-        mean = (n * means).sum(0) / total
+        mean = (counts * means).sum(0) / total
         if isinstance(m, _InstanceNorm):
-            var = (n * variances).sum(0) / total
+            var = (counts * variances).sum(0) / total
         else:
-            var = _pooled_var(n, means, variances, mean, total)
+            var = _pooled_var(counts, means, variances, mean, total)
         out[m] = (total, mean, var)
     return out
