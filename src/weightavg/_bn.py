@@ -193,7 +193,7 @@ def _clone(t: Tensor | None) -> Tensor | None:
 
 
 def _uninitialized(t: Any) -> bool:
-    from torch.nn.parameter import UninitializedTensorMixin
+    from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
     return isinstance(t, UninitializedTensorMixin)
 
