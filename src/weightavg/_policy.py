@@ -230,6 +230,7 @@ class AveragingPolicy:
         self._ended = False
         self._clock: Callable[[], int] | None = None
         self._skips_warned = 0
+        self._elsewhere: str | None = None  # why begin() is never called in this process (adapters)
 
         # --- counters (checkpointed)
         self.steps = 0  # optimizer steps counted (rounds: every hooked optimizer stepped)
@@ -391,6 +392,7 @@ class AveragingPolicy:
         self._bn_data, self._bn_forward, self._bn_device = bn_data, bn_forward_fn, bn_device
         self._clock = clock
         self._skips_warned = 0
+        self._elsewhere = None
         self._has_bn = has_bn
         self._bn_cache = None
         self._ended = False
@@ -798,6 +800,8 @@ class AveragingPolicy:
 
     def _require_begun(self) -> None:
         if self.model is None:
+            if self._elsewhere:
+                raise StateError(f"{type(self).__name__}.begin() was not called in this process: {self._elsewhere}")
             raise StateError(f"{type(self).__name__}.begin(model, optimizers) was not called yet")
 
     def _require_running(self, what: str) -> None:
