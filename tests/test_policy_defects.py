@@ -158,3 +158,64 @@ def test_dur_window_on_the_trainers_own_clock() -> None:
         opt_b.zero_grad()
     assert swa.steps == 8 and ticks[0] == 16
     assert swa.num_updates == 4  # rounds 5..8: the trainer's count after them is 10..16 > 8
+
+
+# ----------------------------------------------------------------------------- compute_ema
+
+
+def _composer_ema(ema: dict[str, torch.Tensor], model: nn.Module, smoothing: float) -> None:
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            ema[k] = smoothing * ema[k] + (1 - smoothing) * v.double()
+        else:
+            ema[k] = v.clone()
+
+
+def test_compute_ema_float32_ema_of_a_bf16_model() -> None:
+    from weightavg.functional import compute_ema
+
+    torch.manual_seed(0)
+    model = Net().to(torch.bfloat16)
+    ema_model = Net()
+    ema_model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    ref = {k: v.double() if v.is_floating_point() else v for k, v in ema_model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in batches(5):
+        train_step(model, opt, x.to(torch.bfloat16), y)
+        compute_ema(model, ema_model, smoothing=0.9)
+        _composer_ema(ref, model, 0.9)
+    for k, v in ema_model.state_dict().items():
+        assert v.dtype == ref[k].dtype if not v.is_floating_point() else v.dtype == torch.float32
+        torch.testing.assert_close(v.double() if v.is_floating_point() else v, ref[k], rtol=1e-6, atol=1e-6)
+
+
+def test_compute_ema_tensors_never_move_under_a_schedule_a_new_source_or_smoothing_1() -> None:
+    from weightavg.functional import compute_ema
+
+    torch.manual_seed(0)
+    model, other = Net(), Net()
+    ema_model = copy_of(model)
+    compute_ema(model, ema_model, smoothing=0.5)  # the first call lays the storage out
+    held = {k: v for k, v in ema_model.state_dict().items()}  # e.g. an optimizer or a CUDA graph
+    ptrs = {k: v.data_ptr() for k, v in held.items()}
+    ref = {k: v.double() if v.is_floating_point() else v.clone() for k, v in ema_model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i, (x, y) in enumerate(batches(6)):
+        train_step(model, opt, x, y)
+        src = other if i == 3 else model
+        s = [0.9, 0.5, 0.99, 1.0, 0.7, 0.0][i]  # a schedule, a frozen step and a copy
+        compute_ema(src, ema_model, smoothing=s)
+        _composer_ema(ref, src, s)
+        for k, v in ema_model.state_dict().items():
+            assert v.data_ptr() == ptrs[k], k
+            assert torch.equal(held[k], v), k  # what was held keeps seeing the updates
+    for k, v in ema_model.state_dict().items():
+        torch.testing.assert_close(v.double() if v.is_floating_point() else v, ref[k], rtol=1e-6, atol=1e-6)
+    with pytest.raises(wa.ConfigError, match="smoothing"):
+        compute_ema(model, ema_model, smoothing=1.5)
+
+
+def copy_of(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
