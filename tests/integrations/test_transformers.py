@@ -18,7 +18,6 @@ pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file  # noqa: E402
 from transformers import (  # noqa: E402
-    PreTrainedConfig,
     PreTrainedModel,
     Trainer,
     TrainerCallback,
@@ -26,6 +25,8 @@ from transformers import (  # noqa: E402
 )
 
 import weightavg as wa  # noqa: E402
+
+PreTrainedConfig = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig  # 4.x name
 from weightavg.transformers import (  # noqa: E402
     EMA,
     STATE_NAME,
