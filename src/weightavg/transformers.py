@@ -412,9 +412,9 @@ class WeightAveragingMixin(_TrainerBase):
             super()._save(output_dir, state_dict)
         self._wa_saved_averaged = True
 
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+    def _save_checkpoint(self, model: nn.Module, trial: Any, *args: Any, **kwargs: Any) -> None:
         self._wa_saved_averaged = False
-        super()._save_checkpoint(model, trial)
+        super()._save_checkpoint(model, trial, *args, **kwargs)  # 4.x passes metrics= too
         cbs = self._wa_callbacks()
         if not cbs or not self.args.should_save or self.model is None:
             return
