@@ -148,3 +148,73 @@ def test_stats_restored_when_forward_raises() -> None:
 def test_bad_num_batches(num_batches) -> None:
     with pytest.raises(wa.ConfigError, match="num_batches"):
         wa.recompute_bn(Net(nn.BatchNorm1d(3)), batches([2]), num_batches=num_batches)
+
+
+@pytest.mark.parametrize("data", [[], iter([]), "exhausted"])
+def test_no_batches_is_an_error_and_leaves_the_statistics(data) -> None:
+    net = Net(nn.BatchNorm1d(3))
+    net.norm.running_mean.fill_(0.5)
+    if data == "exhausted":
+        data = iter(batches([4]))
+        list(data)
+    with pytest.raises(wa.ConfigError, match=r"data=.*yielded none"):
+        wa.recompute_bn(net, data)
+    assert torch.equal(net.norm.running_mean, torch.full((3,), 0.5))
+
+
+def _pooled_reference(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    c = inputs[0].shape[1]
+    h = torch.cat([x.double().transpose(0, 1).reshape(c, -1) for x in inputs], dim=1)
+    return h.mean(1), h.var(1, unbiased=True)
+
+
+@pytest.mark.parametrize("kind", ["2d", "3d", "lazy", "shared", "float64", "bfloat16", "momentum_none"])
+def test_statistics_equal_the_pooled_inputs_for_every_layer_kind(kind) -> None:
+    torch.manual_seed(0)
+    seen: list[torch.Tensor] = []
+    norm: nn.Module
+    if kind == "3d":
+        norm, shape = nn.BatchNorm3d(3), (3, 2, 3, 2)
+    elif kind == "lazy":
+        norm, shape = nn.LazyBatchNorm2d(), (3, 4, 5)
+    else:
+        norm, shape = nn.BatchNorm2d(3, momentum=None if kind == "momentum_none" else 0.1), (3, 4, 5)
+    norm.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    calls = 2 if kind == "shared" else 1
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = norm
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for i in range(calls):
+                x = self.norm(x * (i + 1) + i)
+            return x
+
+    net = M()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(n, *shape, generator=g) * 2 + 3 for n in (4, 7, 2)]
+    if kind == "lazy":
+        net(data[0])
+        seen.clear()
+    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(kind)
+    if dtype is not None:
+        net.to(dtype)
+        data = [x.to(dtype) for x in data]
+    wa.recompute_bn(net, data)
+    mean, var = _pooled_reference(seen)
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype is torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(norm.running_mean.double(), mean, **tol)
+    torch.testing.assert_close(norm.running_var.double(), var, **tol)
+    assert norm.momentum == (None if kind == "momentum_none" else 0.1)
+    assert int(norm.num_batches_tracked) == 3 * calls + (1 if kind == "lazy" else 0)
+
+
+def test_a_layer_the_forward_never_reaches_keeps_its_statistics() -> None:
+    net = nn.ModuleDict({"a": nn.BatchNorm1d(2), "b": nn.BatchNorm1d(2)})
+    net["b"].running_mean.fill_(7.0)
+    x = torch.randn(6, 2)
+    wa.recompute_bn(net, [x], forward_fn=lambda m, b: m["a"](b))
+    torch.testing.assert_close(net["a"].running_mean, x.mean(0))
+    assert torch.equal(net["b"].running_mean, torch.full((2,), 7.0))

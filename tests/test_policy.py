@@ -332,7 +332,7 @@ def test_swa_lr_per_step_anneal_and_list_per_group() -> None:
         for i in range(6)]
     assert [lr for row in used for lr in row] == pytest.approx([lr for row in expected for lr in row])
     with pytest.raises(wa.ConfigError, match=r"swa_lr.*2 floats"):
-        wa.SWA(swa_start=0, swa_lr=[0.1, 0.2, 0.3]).begin(Net(), opt)
+        wa.SWA(swa_start=0, swa_lr=[0.1, 0.2, 0.3]).begin(model, opt)
 
 
 def test_cyclic_swa_averages_at_every_cycle_minimum() -> None:

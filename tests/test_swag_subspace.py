@@ -193,3 +193,30 @@ def test_subspace_bad_input() -> None:
         SubspaceInference(nn.Linear(4, 2), pca_subspace(swag))
     with pytest.raises(wa.ConfigError, match="prior_std"):
         elliptical_slice(lambda z: 0.0, torch.zeros(2), num_samples=1, prior_std=0.0)
+
+
+def test_inference_restores_every_modules_own_mode() -> None:
+    # a frozen BatchNorm and an eval-mode dropout inside a model in train mode stay as they were
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.Linear(8, 3))
+    swag = swag_of(net, n=5, max_rank=4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, generator=g)
+    y = torch.randint(0, 3, (16,), generator=g)
+    data = [(x[:8], y[:8]), (x[8:], y[8:])]
+    net.train()
+    net[1].eval()
+    net[2].eval()
+    modes = [m.training for m in net.modules()]
+    si = SubspaceInference(net, pca_subspace(swag), temperature=2.0)
+    si.log_likelihood(torch.zeros(si.subspace.rank, dtype=torch.float64), data)
+    assert [m.training for m in net.modules()] == modes
+    si.fit_vi(data, epochs=1, generator=g)
+    assert [m.training for m in net.modules()] == modes
+    si.sample_ess(data, 2, burn_in=1, generator=g)
+    bma_predict(si, net, data, bn_data=[x])
+    assert [m.training for m in net.modules()] == modes
+    wa.swag.predict_probs(net, [x])
+    assert [m.training for m in net.modules()] == modes
+    bma_predict(swag, net, [x], num_samples=2, bn_data=[x], generator=g)
+    assert [m.training for m in net.modules()] == modes

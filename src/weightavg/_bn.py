@@ -90,6 +90,12 @@ def recompute_bn(
     friends stay as they were; every module's mode and momentum is restored afterwards. A model
     without such layers returns at once without reading ``data``.
 
+    Cost: one train-mode forward per batch. Each layer runs with momentum 1, so after every call
+    its own buffers hold that batch's mean and unbiased variance (computed by the layer's kernel);
+    those channel-sized vectors are combined exactly in float64 (parallel-variance formula).
+    Layers whose buffers are not float32/float64, and SyncBatchNorm while it synchronises ranks,
+    are measured from their inputs in float64 instead (slower, equally exact).
+
     Args:
         model: the model, holding the weights the statistics are for (e.g. inside
             ``Averager.swapped_in``).
@@ -106,6 +112,11 @@ def recompute_bn(
     Returns:
         The number of samples the statistics were computed from, on this rank (0 if the model has
         no such layer).
+
+    Raises:
+        ConfigError: ``data`` yielded no batch (on every rank, with ``sync_ranks``): the
+            statistics would silently stay those of other weights. The buffers are left as they
+            were.
     """
     if not isinstance(model, nn.Module):
         raise bad_arg("model", type(model).__name__, "a torch.nn.Module")
@@ -119,53 +130,34 @@ def recompute_bn(
     fwd = forward_fn or _default_forward
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in layers}
-    saved = {m: (m.running_mean.clone() if m.running_mean is not None else None,
-                 m.running_var.clone() if m.running_var is not None else None,
-                 m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-             for m in layers}
-    # sample-weighted running sums: mean_k = Σ n_b μ_b / Σ n_b; var from E[x²] with Bessel per batch
-    sums: dict[nn.Module, list[Any]] = {m: [None, None, 0] for m in layers}
+    saved = {m: (_clone(m.running_mean), _clone(m.running_var), _clone(m.num_batches_tracked)) for m in layers}
+    stats: dict[Any, _Stats] = {m: _Stats(isinstance(m, _InstanceNorm), _measure_inputs(m)) for m in layers}
     hooks = []
 
-    def hook(m: nn.Module, inputs: tuple[Tensor, ...], _out: Any) -> None:
-        x = inputs[0].detach().double()
-        acc = sums[m]
-        if isinstance(m, _InstanceNorm):
-            # running stats of InstanceNorm: average over instances of per-instance mean/var
-            if x.dim() == m._get_no_batch_dim():
-                x = x.unsqueeze(0)
-            flat = x.flatten(2)
-            n = flat.shape[0]
-            mu = flat.mean(dim=2).sum(dim=0) / n
-            sq = flat.var(dim=2, unbiased=True).sum(dim=0) / n  # stands in for E[x²]; see below
-            acc.append("instance")
-        else:
-            dims = [0, *range(2, x.dim())]
-            n = x.numel() // x.shape[1] if x.dim() > 1 else x.shape[0]
-            mu = x.mean(dim=dims)
-            sq = (x * x).mean(dim=dims)
-        acc[0] = mu * n if acc[0] is None else acc[0] + mu * n
-        acc[1] = sq * n if acc[1] is None else acc[1] + sq * n
-        acc[2] += n
+    def restore() -> None:
+        for m, (rm, rv, nb) in saved.items():
+            for buf, old in ((m.running_mean, rm), (m.running_var, rv), (m.num_batches_tracked, nb)):
+                if old is not None:
+                    buf.copy_(old)
 
     n_samples = 0
     try:
         model.eval()
         for m in layers:
             m.train()
-            hooks.append(m.register_forward_hook(hook))
+            if not stats[m].from_inputs:
+                m.momentum = 1.0  # the buffers become this call's batch statistics
+                if not _uninitialized(m.running_mean):
+                    m.running_mean.zero_()  # a NaN left there would survive 0 * NaN
+                if not _uninitialized(m.running_var):
+                    m.running_var.fill_(1.0)
+            hooks.append(m.register_forward_hook(stats[m].hook))
         for batch in itertools.islice(data, num_batches):
             batch = _to(batch, dev)
             fwd(model, batch)
             n_samples += _batch_size(batch)
     except BaseException:
-        for m, (rm, rv, nb) in saved.items():
-            if rm is not None:
-                m.running_mean.copy_(rm)
-            if rv is not None:
-                m.running_var.copy_(rv)
-            if nb is not None:
-                m.num_batches_tracked.copy_(nb)
+        restore()
         raise
     finally:
         for h in hooks:
@@ -174,19 +166,21 @@ def recompute_bn(
             m.training = mode
         for m, mom in momenta.items():
             m.momentum = mom
+    totals = {m: stats[m].combine() for m in layers}
     if sync_ranks:
-        _pool_across_ranks(layers, sums, process_group)
+        totals = _pool_across_ranks(layers, totals, process_group)
+    if all(t[0] == 0 for t in totals.values()):
+        restore()
+        raise bad_arg("data", type(data).__name__,
+                      "at least one batch: it yielded none (an empty loader, or a one-shot iterator "
+                      "already consumed), so the statistics would stay those of other weights")
     for m in layers:
-        s_mu, s_sq, n = sums[m][:3]
-        if n == 0:
+        n, mean, var = totals[m]
+        if n == 0:  # this layer saw no input: keep what it had
+            for buf, old in ((m.running_mean, saved[m][0]), (m.running_var, saved[m][1])):
+                if old is not None:
+                    buf.copy_(old)
             continue
-        mean = s_mu / n
-        if len(sums[m]) > 3:  # InstanceNorm: s_sq already holds Σ n·(mean per-instance variance)
-            var = s_sq / n
-        else:
-            var = (s_sq / n - mean * mean).clamp_min_(0.0)
-            if n > 1:
-                var = var * (n / (n - 1))
         if m.running_mean is not None:
             m.running_mean.copy_(mean.to(m.running_mean.dtype))
         if m.running_var is not None:
@@ -194,26 +188,124 @@ def recompute_bn(
     return n_samples
 
 
-def _pool_across_ranks(layers: list[Any], sums: dict[Any, list[Any]], group: Any) -> None:
-    """Sum every layer's (Σ n·μ, Σ n·E[x²], n) over the ranks, in one all_reduce."""
+def _clone(t: Tensor | None) -> Tensor | None:
+    return None if t is None or _uninitialized(t) else t.clone()
+
+
+def _uninitialized(t: Any) -> bool:
+    from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
+
+    return isinstance(t, UninitializedTensorMixin)
+
+
+def _measure_inputs(m: Any) -> bool:
+    """Whether ``m``'s statistics must be taken from its inputs (its buffers cannot hold them)."""
+    buf = m.running_mean if m.running_mean is not None else m.running_var
+    if m.running_mean is None or m.running_var is None:
+        return True
+    if not _uninitialized(buf) and buf.dtype not in (torch.float32, torch.float64):
+        return True  # a low-precision buffer would round every batch's statistics
+    if isinstance(m, nn.SyncBatchNorm):
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized()  # its buffers would hold all ranks' stats
+    return False
+
+
+class _Stats:
+    """Per-call statistics of one layer: (count, mean, unbiased variance) vectors, float64.
+
+    BatchNorm: the count is the number of values per channel, and the calls combine into the
+    statistics of their union. InstanceNorm: the count is the number of instances, and the
+    running statistics are the instance-weighted averages of per-instance mean and variance.
+    """
+
+    def __init__(self, instance: bool, from_inputs: bool) -> None:
+        self.instance = instance
+        self.from_inputs = from_inputs
+        self.counts: list[int] = []
+        self.moments: list[Tensor] = []  # (2, C) per call: mean, unbiased var
+
+    def hook(self, m: Any, inputs: tuple[Tensor, ...], _out: Any) -> None:
+        x = inputs[0]
+        if self.instance:
+            n = int(x.shape[0]) if x.dim() != m._get_no_batch_dim() else 1
+        else:
+            n = x.numel() // int(x.shape[1]) if x.dim() > 1 else int(x.shape[0])
+        if self.from_inputs:
+            self.moments.append(_input_moments(x.detach(), m, self.instance))
+        else:
+            self.moments.append(torch.stack((m.running_mean, m.running_var)).to(torch.float64))
+        self.counts.append(n)
+
+    def combine(self) -> tuple[int, Tensor, Tensor]:
+        """(total count, mean, variance) over every call; (0, empty, empty) if none."""
+        total = sum(self.counts)
+        if not self.moments:
+            empty = torch.zeros(0, dtype=torch.float64)
+            return 0, empty, empty
+        mo = torch.stack(self.moments)  # (B, 2, C)
+        n = torch.tensor(self.counts, dtype=torch.float64, device=mo.device).unsqueeze(1)
+        mean = (n * mo[:, 0]).sum(0) / total
+        if self.instance:
+            return total, mean, (n * mo[:, 1]).sum(0) / total
+        return total, mean, _pooled_var(n, mo[:, 0], mo[:, 1], mean, total)
+
+
+def _pooled_var(n: Tensor, means: Tensor, variances: Tensor, mean: Tensor, total: int) -> Tensor:
+    """Unbiased variance of the union of groups (``n`` (B, 1) counts, (B, C) means/variances)."""
+    m2 = ((n - 1).clamp_min(0) * variances).sum(0) + (n * (means - mean) ** 2).sum(0)
+    return m2 / (total - 1) if total > 1 else m2
+
+
+def _input_moments(x: Tensor, m: Any, instance: bool) -> Tensor:
+    """(2, C) mean and unbiased variance of a layer input, in float64 (the measured path)."""
+    x = x.double()
+    if instance:
+        if x.dim() == m._get_no_batch_dim():
+            x = x.unsqueeze(0)
+        flat = x.flatten(2)
+        return torch.stack((flat.mean(dim=2).mean(dim=0), flat.var(dim=2, unbiased=True).mean(dim=0)))
+    flat = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 1 else x.unsqueeze(0)
+    var = flat.var(dim=1, unbiased=True) if flat.shape[1] > 1 else torch.zeros_like(flat[:, 0])
+    return torch.stack((flat.mean(dim=1), var))
+
+
+def _pool_across_ranks(layers: list[Any], totals: dict[Any, tuple[int, Tensor, Tensor]],
+                       group: Any) -> dict[Any, tuple[int, Tensor, Tensor]]:
+    """Every rank's (count, mean, variance) per layer, gathered in one collective and combined."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
-        return
+        return totals
     parts = []
+    sizes = []
     for m in layers:
-        c = (m.running_mean if m.running_mean is not None else m.running_var).numel()
-        s_mu, s_sq, n = sums[m][:3]
-        zeros = torch.zeros(c, dtype=torch.float64, device=(m.running_mean if m.running_mean is not None
-                                                            else m.running_var).device)
-        parts += [s_mu if s_mu is not None else zeros, s_sq if s_sq is not None else zeros,
-                  torch.tensor([float(n)], dtype=torch.float64, device=zeros.device)]
+        ref = m.running_mean if m.running_mean is not None else m.running_var
+        c = ref.numel()
+        n, mean, var = totals[m]
+        if n == 0:
+            mean = var = torch.zeros(c, dtype=torch.float64, device=ref.device)
+        parts += [torch.tensor([float(n)], dtype=torch.float64, device=ref.device), mean, var]
+        sizes.append(c)
     flat = torch.cat([p.reshape(-1) for p in parts])
-    dist.all_reduce(flat, group=group)
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, flat, group=group)
+    rows = torch.stack(gathered)  # (world, sum over layers of 1 + 2C)
+    out = {}
     off = 0
-    for m in layers:
-        c = (m.running_mean if m.running_mean is not None else m.running_var).numel()
-        sums[m][0] = flat[off : off + c]
-        sums[m][1] = flat[off + c : off + 2 * c]
-        sums[m][2] = round(float(flat[off + 2 * c]))
-        off += 2 * c + 1
+    for m, c in zip(layers, sizes, strict=True):
+        counts = rows[:, off : off + 1]
+        means, variances = rows[:, off + 1 : off + 1 + c], rows[:, off + 1 + c : off + 1 + 2 * c]
+        off += 1 + 2 * c
+        total = round(float(counts.sum()))
+        if total == 0:
+            out[m] = totals[m]
+            continue
+        mean = (counts * means).sum(0) / total
+        if isinstance(m, _InstanceNorm):
+            var = (counts * variances).sum(0) / total
+        else:
+            var = _pooled_var(counts, means, variances, mean, total)
+        out[m] = (total, mean, var)
+    return out

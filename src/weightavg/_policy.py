@@ -55,6 +55,7 @@ first update after ``start`` is one ``update_interval`` after the window opens.
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,10 +92,10 @@ class _Time:
     """A resolved time: ``value`` optimizer steps or ``value`` whole epochs."""
 
     value: int
-    unit: Literal["step", "epoch"]
+    unit: Literal["step", "epoch", "tick"]  # tick: the trainer's own step count (begin's clock)
 
     def __str__(self) -> str:
-        return f"{self.value} {'steps' if self.unit == 'step' else 'epochs'}"
+        return f"{self.value} {({'step': 'steps', 'epoch': 'epochs', 'tick': 'trainer steps'})[self.unit]}"
 
 
 def _parse(name: str, value: TimeLike | None, *, allow_none: bool = False) -> Duration | None:
@@ -146,8 +147,12 @@ class AveragingPolicy:
         bn_batches: at most this many batches per recomputation (``None``: all of ``bn_data``).
         name: short name (log prefix ``"<name>/"``, checkpoint key).
         log_prefix: prefix of averaged-weight metrics when ``eval_with="both"``.
-        params, include, exclude, buffers, dtype, device, nonfinite: passed to
+        params, include, exclude, buffers, dtype, device: passed to
             :class:`~weightavg.Averager`.
+        nonfinite: an update from weights holding NaN/Inf is ``"skip"``-ped (default: the average
+            keeps its last finite value, a warning counts the skipped updates; training never
+            dies because of its average), ``"raise"`` (:class:`~weightavg.NonFiniteError`) or
+            ``"allow"``-ed (no check). :class:`~weightavg.Averager` itself defaults to ``"raise"``.
     """
 
     _kind = "policy"
@@ -170,7 +175,7 @@ class AveragingPolicy:
         buffers: Literal["average", "copy", "ignore"] = "average",
         dtype: torch.dtype | None = torch.float32,
         device: torch.device | str | None = None,
-        nonfinite: Literal["raise", "skip", "allow"] = "raise",
+        nonfinite: Literal["raise", "skip", "allow"] = "skip",
         start_name: str = "start",
         end_name: str = "end",
     ) -> None:
@@ -223,6 +228,9 @@ class AveragingPolicy:
         self._plan: _LRPlan | None = None
         self._pending: Mapping[str, Any] | None = None
         self._ended = False
+        self._clock: Callable[[], int] | None = None
+        self._skips_warned = 0
+        self._elsewhere: str | None = None  # why begin() is never called in this process (adapters)
 
         # --- counters (checkpointed)
         self.steps = 0  # optimizer steps counted (rounds: every hooked optimizer stepped)
@@ -257,6 +265,7 @@ class AveragingPolicy:
         bn_data: Iterable[Any] | None = None,
         bn_forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         bn_device: torch.device | str | None = None,
+        clock: Callable[[], int] | None = None,
     ) -> None:
         """Start averaging ``model``: resolve the times, build the averager, hook the optimizers.
 
@@ -274,11 +283,21 @@ class AveragingPolicy:
             bn_forward_fn: ``fn(model, batch)`` running one batch (default: ``model(batch[0])``
                 for tuples, ``model(**batch)`` for dicts, ``model(batch)`` for tensors).
             bn_device: move batches there before the forward pass.
+            clock: the trainer's own step counter, when its ``total_steps`` counts something else
+                than the policy's steps (Lightning's ``max_steps`` counts every optimizer's steps
+                under manual optimization; the policy counts rounds). ``'dur'`` times of the window
+                (start, end) are then fractions of ``total_steps`` read on this clock.
+
+        With BatchNorm and ``recompute_bn`` on, one batch of ``bn_data`` is run through
+        ``bn_forward_fn`` at once (eval mode, no gradient, RNG forked, every buffer and mode
+        restored), so that data the model cannot take fail here rather than after training.
 
         Raises:
             ConfigError: a time the loop cannot count, a window that ends before it starts, a
-                ``swa_lr`` list of the wrong length, BatchNorm without ``bn_data``, or another
-                policy already writing averaged weights into the same model.
+                ``swa_lr`` list of the wrong length, optimizers holding none of the model's
+                parameters, BatchNorm without ``bn_data``, ``bn_data`` that is a one-shot iterator
+                or yields no batch, a batch ``bn_forward_fn`` cannot run, or another policy
+                already writing averaged weights into the same model.
         """
         if not isinstance(model, nn.Module):
             raise bad_arg("model", type(model).__name__, "a torch.nn.Module")
@@ -290,6 +309,14 @@ class AveragingPolicy:
             opts = [_unwrap_optimizer(o, i) for i, o in enumerate(optimizers)]
         else:
             opts = [_unwrap_optimizer(optimizers, 0)]
+        if clock is not None and not callable(clock):
+            raise bad_arg("clock", clock, "a callable returning the trainer's step count, or None")
+        if opts:
+            owned = {id(p) for p in model.parameters()}
+            if owned and not any(id(p) in owned for o in opts for g in o.param_groups for p in g["params"]):
+                raise bad_arg("optimizers", [type(o).__name__ for o in opts],
+                              f"optimizer(s) holding parameters of the averaged {type(model).__name__}: "
+                              "these update another model, so their steps say nothing about this one")
         for name, v in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch),
                         ("samples_per_step", samples_per_step), ("tokens_per_step", tokens_per_step)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
@@ -302,8 +329,10 @@ class AveragingPolicy:
                 return _Time(int(d.value), "step")
             if d.unit == "ep" and float(d.value).is_integer():
                 return _Time(int(d.value), "epoch")
+            # 'dur' window times with a clock: fractions of the trainer's own count
+            tick = d.unit == "dur" and clock is not None and name in (self._start_name, self._end_name)
             try:
-                return _Time(d.to_steps(**known), "step")
+                return _Time(d.to_steps(**known), "tick" if tick else "step")
             except ConfigError as err:
                 raise ConfigError(f"{name}='{d}' cannot be counted by this training loop: "
                                   f"{str(err).split(': ', 1)[-1]}") from err
@@ -349,12 +378,21 @@ class AveragingPolicy:
                               "batches to recompute BatchNorm statistics of the averaged weights "
                               "(e.g. the training loader): the model has BatchNorm layers; or "
                               "pass recompute_bn=False to the policy")
+            if isinstance(bn_data, Iterator):
+                raise bad_arg("bn_data", type(bn_data).__name__,
+                              "an iterable that can be read again (a list, a DataLoader): a one-shot "
+                              "iterator or generator is exhausted after the first BatchNorm "
+                              "recomputation, and every later evaluation would be stale")
+            _probe_bn(model, bn_data, bn_forward_fn, bn_device)
         self._register_writer(model)
 
         self.model, self.averager, self._optimizers = model, averager, opts
         self._t_start, self._t_end, self._t_interval = t_start, t_end, t_interval
         self._plan = plan
         self._bn_data, self._bn_forward, self._bn_device = bn_data, bn_forward_fn, bn_device
+        self._clock = clock
+        self._skips_warned = 0
+        self._elsewhere = None
         self._has_bn = has_bn
         self._bn_cache = None
         self._ended = False
@@ -373,7 +411,7 @@ class AveragingPolicy:
     def _comparable(a: _Time, b: _Time, spe: int | None) -> tuple[int | None, int | None]:
         if a.unit == b.unit:
             return a.value, b.value
-        if spe is None:
+        if spe is None or "tick" in (a.unit, b.unit):
             return None, None
         return (a.value * spe if a.unit == "epoch" else a.value,
                 b.value * spe if b.unit == "epoch" else b.value)
@@ -411,18 +449,34 @@ class AveragingPolicy:
 
     @torch.no_grad()
     def end(self) -> None:
-        """End of training: refresh BatchNorm statistics if stale, then apply ``final``."""
+        """End of training: refresh BatchNorm statistics if stale, then apply ``final``.
+
+        Every rank must call it (BatchNorm statistics are pooled across ranks). Warns when the
+        run made no update at all (a window the run never reached) and when updates were skipped
+        because the weights held NaN/Inf.
+        """
         self._require_begun()
         if self.has_average:
             assert self.averager is not None and self.model is not None
-            if self.bn_stale and self._recompute_enabled() and self._has_bn:
+            if self._bn_needs_work():
                 with self.averager.swapped_in(self.model):
                     self._fresh_bn()
-                    self.averager.load_from(self.model)  # the average keeps fresh statistics
+                    self.averager.load_from(self.model)  # the average keeps these statistics
                 self.bn_stale = False
                 self._bn_cache = None
             if self.final == "averaged":
                 self.averager.copy_to(self.model)
+        elif not self._ended and (self.steps > 0 or self.epochs > 0):
+            end = f"{self._end_name}='{self.window_end}'" if self.window_end is not None else "the end"
+            warnings.warn(
+                f"{self!r} made no update in this run ({self.steps} steps, {self.epochs} epochs counted; "
+                f"window from {self._start_name}='{self.window_start}' ({self._t_start}) to {end}): "
+                "the model keeps its training weights. Check the window against the run's length "
+                "and the units the trainer counts", RuntimeWarning, stacklevel=2)
+        skipped = self.averager.num_skipped if self.averager is not None else 0
+        if skipped and not self._ended:
+            warnings.warn(f"{self.name}: {skipped} update(s) were skipped because the weights held NaN/Inf "
+                          "(the average kept its last finite value)", RuntimeWarning, stacklevel=2)
         self.detach()
         self._ended = True
 
@@ -464,7 +518,7 @@ class AveragingPolicy:
 
     def on_step(self) -> None:
         """Count one optimizer step by hand (only for a policy begun without optimizers)."""
-        self._require_begun()
+        self._require_running("on_step()")
         if self._optimizers:
             raise StateError("on_step() is for policies begun without optimizers: this one counts "
                              "the steps of its optimizers through hooks already")
@@ -480,8 +534,12 @@ class AveragingPolicy:
         self._apply_lr()
 
     def on_epoch_end(self) -> None:
-        """Tell the policy that an epoch ended (call once per epoch, after its last step)."""
-        self._require_begun()
+        """Tell the policy that an epoch ended (call once per epoch, after its last step).
+
+        Raises:
+            StateError: before :meth:`begin` or after :meth:`end`.
+        """
+        self._require_running("on_epoch_end()")
         self.epochs += 1
         if self._anchor is None and self._window(self.steps, self.epochs, epoch_event=True):
             self._open_window(self.steps, self.epochs - 1)
@@ -509,9 +567,16 @@ class AveragingPolicy:
             return (self.epochs - self._anchor[1]) % interval.value == 0
         return False
 
+    def _ticks(self, steps: int) -> int:
+        """The trainer's clock at policy step ``steps`` (the current one, or the next)."""
+        assert self._clock is not None
+        return int(self._clock()) + (steps - self.steps)
+
     def _window(self, steps: int, epochs: int, *, epoch_event: bool) -> bool:
         s, e = self._t_start, self._t_end
-        if s.unit == "step":
+        if s.unit == "tick":
+            after = self._ticks(steps) > s.value
+        elif s.unit == "step":
             after = steps > s.value
         else:
             after = epochs > s.value if epoch_event else epochs >= s.value
@@ -519,6 +584,8 @@ class AveragingPolicy:
             return False
         if e is None:
             return True
+        if e.unit == "tick":
+            return self._ticks(steps) <= e.value
         if e.unit == "step":
             return steps <= e.value
         return epochs <= e.value if epoch_event else epochs < e.value
@@ -539,6 +606,12 @@ class AveragingPolicy:
         updated = self.averager.update(self.model, step=max(self.steps, self.averager.step))
         if updated and self._has_bn:
             self.bn_stale = True
+        skipped = self.averager.num_skipped
+        if skipped > self._skips_warned and skipped & (skipped - 1) == 0:  # 1, 2, 4, 8...: not every step
+            self._skips_warned = skipped
+            warnings.warn(f"{self.name}: {skipped} update(s) skipped so far because the weights held NaN/Inf "
+                          f"(at step {self.steps}); the average keeps its last finite value",
+                          RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ learning rate
 
@@ -590,20 +663,31 @@ class AveragingPolicy:
         """Snapshots averaged so far."""
         return self.averager.num_updates if self.averager is not None else 0
 
-    def _recompute(self) -> None:
+    def _recompute(self, *, sync: bool) -> None:
         """Recompute BN statistics of the weights now in the model (RNG and modes preserved)."""
         assert self.model is not None and self._bn_data is not None
         with torch.random.fork_rng(devices=[]):
             recompute_bn(self.model, self._bn_data, num_batches=self.bn_batches,
-                         device=self._bn_device, forward_fn=self._bn_forward, sync_ranks=True)
+                         device=self._bn_device, forward_fn=self._bn_forward, sync_ranks=sync)
 
     @contextlib.contextmanager
-    def averaged(self) -> Iterator[nn.Module]:
+    def averaged(self, *, collective: bool = True) -> Iterator[nn.Module]:
         """The model with the averaged weights in it, restored on exit; BN statistics fresh.
 
         If nothing has been averaged yet the model is yielded unchanged (training weights).
-        Recomputed BatchNorm statistics are kept for later evaluations until the next update;
-        nothing in the training state changes (weights, optimizer, counters, RNG).
+        BatchNorm statistics of the averaged weights are recomputed when stale (pooled over the
+        ranks of torch.distributed) or, when they are averaged (EMA's default) under
+        torch.distributed, replaced by their mean over the ranks (each rank averaged its local
+        running statistics; EMA and SWA are linear, so this is the average of the ranks' mean
+        statistics, identical on every rank). Either result is kept for later evaluations until
+        the next update; nothing in the training state changes (weights, optimizer, counters, RNG).
+
+        Args:
+            collective: every rank enters this call (evaluation, checkpoint hooks that run on
+                all ranks). ``False`` for a path only some ranks take (e.g. saving on rank 0):
+                no collective runs; the statistics kept from the last collective call are used
+                if no update happened since, otherwise this rank's own (recomputed from its
+                ``bn_data`` only, or its local averages).
         """
         self._require_begun()
         assert self.model is not None
@@ -612,13 +696,20 @@ class AveragingPolicy:
             return
         assert self.averager is not None
         with self.averager.swapped_in(self.model):
-            self._fresh_bn()
+            self._fresh_bn(collective=collective)
             yield self.model
 
+    def _bn_needs_work(self) -> bool:
+        if not self._has_bn:
+            return False
+        if self._recompute_enabled():
+            return self.bn_stale
+        return _world_size() > 1  # averaged local statistics: reconcile the ranks
+
     @torch.no_grad()
-    def _fresh_bn(self) -> None:
-        """Inside swapped_in: put fresh BN statistics of the averaged weights into the model."""
-        if not (self.bn_stale and self._recompute_enabled() and self._has_bn):
+    def _fresh_bn(self, *, collective: bool = True) -> None:
+        """Inside swapped_in: put the evaluation BN statistics of the averaged weights in the model."""
+        if not self._bn_needs_work():
             return
         assert self.model is not None and self.averager is not None
         n = self.averager.num_updates
@@ -627,18 +718,24 @@ class AveragingPolicy:
             for nm, t in self._bn_cache[1].items():
                 buffers[nm].copy_(t)
             return
-        self._recompute()
-        self._bn_cache = (n, {nm: t.detach().clone() for nm, t in buffers.items()})
+        if self._recompute_enabled():
+            self._recompute(sync=collective)
+        elif collective:
+            _mean_over_ranks([t for m in _stat_layers(self.model) for t in (m.running_mean, m.running_var)
+                              if t is not None and t.is_floating_point()])
+        if collective:
+            self._bn_cache = (n, {nm: t.detach().clone() for nm, t in buffers.items()})
 
     @torch.no_grad()
-    def export_state_dict(self) -> dict[str, Tensor]:
+    def export_state_dict(self, *, collective: bool = True) -> dict[str, Tensor]:
         """The averaged weights (fresh BN statistics) as a state dict of the model, its own names.
 
         Nothing in the policy or the model changes. Before any update: the model's own weights.
+        ``collective``: as for :meth:`averaged` (pass ``False`` on a path not every rank takes).
         """
         self._require_begun()
         assert self.model is not None
-        with self.averaged() as m:
+        with self.averaged(collective=collective) as m:
             return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
     # ------------------------------------------------------------------ checkpointing
@@ -703,7 +800,15 @@ class AveragingPolicy:
 
     def _require_begun(self) -> None:
         if self.model is None:
+            if self._elsewhere:
+                raise StateError(f"{type(self).__name__}.begin() was not called in this process: {self._elsewhere}")
             raise StateError(f"{type(self).__name__}.begin(model, optimizers) was not called yet")
+
+    def _require_running(self, what: str) -> None:
+        self._require_begun()
+        if self._ended:
+            raise StateError(f"{what} after {type(self).__name__}.end(): the run is over and the "
+                             "model may hold the averaged weights; call begin() to start a new run")
 
     def _extra_repr(self) -> str:
         return ""
@@ -959,3 +1064,64 @@ class EMA(AveragingPolicy):
                               "be counted by this training loop: it needs steps_per_epoch")
         return t.value
 
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return int(dist.get_world_size())
+
+
+def _mean_over_ranks(tensors: list[Tensor]) -> None:
+    """Replace each tensor by its mean over the ranks (one all_reduce of their concatenation)."""
+    import torch.distributed as dist
+
+    if not tensors or _world_size() < 2:
+        return
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    off = 0
+    for t in tensors:
+        t.copy_(flat[off : off + t.numel()].view_as(t))
+        off += t.numel()
+
+
+@torch.no_grad()
+def _probe_bn(model: nn.Module, data: Iterable[Any], forward_fn: Callable[[nn.Module, Any], Any] | None,
+              device: torch.device | str | None) -> None:
+    """Run one batch of ``data`` through ``forward_fn`` in eval mode; every mode, buffer and the
+    RNG are as before afterwards. A failure is a ConfigError naming bn_data/bn_forward_fn."""
+    from ._bn import _default_forward, _to
+
+    modes = {m: m.training for m in model.modules()}
+    buffers = [(b, b.clone()) for b in model.buffers()
+               if not isinstance(b, nn.parameter.UninitializedBuffer)]
+    what = "bn_forward_fn" if forward_fn is not None else "the default BatchNorm forward (model(batch[0]) " \
+        "for tuples, model(**batch) for dicts, model(batch) for tensors)"
+    try:
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iter(data), _NO_BATCH)
+            if batch is _NO_BATCH:
+                raise bad_arg("bn_data", type(data).__name__,
+                              "batches to recompute BatchNorm statistics from: it yielded none")
+            model.eval()
+            try:
+                (forward_fn or _default_forward)(model, _to(batch, torch.device(device) if device else None))
+            except Exception as err:
+                raise ConfigError(
+                    f"bn_data/bn_forward_fn: one batch of bn_data ({type(batch).__name__}) could not be "
+                    f"run through {what}: {type(err).__name__}: {err}. BatchNorm statistics of the averaged "
+                    "weights are recomputed from these batches before evaluation and at the end; pass "
+                    "bn_forward_fn=fn(model, batch) (e.g. a GAN generator fed noise) and/or bn_data= "
+                    "batches the model takes, or recompute_bn=False") from err
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for b, old in buffers:
+            b.copy_(old)
+
+
+_NO_BATCH = object()

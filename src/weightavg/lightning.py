@@ -37,8 +37,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
+from ._bn import _stat_layers
 from ._duration import Duration
-from ._errors import bad_arg
+from ._errors import ConfigError, bad_arg
 from ._policy import EMA as _EMAPolicy
 from ._policy import SWA as _SWAPolicy
 from ._policy import AveragingPolicy
@@ -77,6 +78,20 @@ class WeightAveraging(Callback):
         bn_forward_fn: ``fn(module, batch)`` running one batch for BatchNorm recomputation
             (default: ``module(batch[0])`` for tuples, ``module(**batch)`` for dicts).
 
+    A LightningModule without ``forward`` (valid in Lightning) gets BatchNorm recomputed through
+    its ``training_step`` (no gradient, logging muted), as Lightning's own SWA callback does; under
+    manual optimization (whose ``training_step`` steps optimizers) pass ``bn_forward_fn``.
+
+    Non-finite weights: the policy's default ``nonfinite="skip"`` skips (and counts, with a
+    warning) updates from weights holding NaN/Inf; training never stops because of its average.
+
+    Under manual optimization bounded by ``max_steps`` (which counts every optimizer's steps),
+    ``'dur'`` times of the window are fractions of ``max_steps`` on ``trainer.global_step``.
+
+    With a spawning strategy (``ddp_spawn``), training and the averages live in the worker
+    processes; this process's module gets rank 0's final weights back (the averaged ones with
+    ``final="averaged"``), and the averages are in the checkpoints' callback state.
+
     To choose when to update, override ``should_update(step_idx=None, epoch_idx=None)`` here
     (Lightning's convention) or on the policy.
     """
@@ -106,6 +121,24 @@ class WeightAveraging(Callback):
         self._state_key = self._generate_state_key(policy=repr(policy), target=target)
         if type(self).should_update is not WeightAveraging.should_update:
             policy.should_update = self.should_update  # type: ignore[method-assign]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickled to worker processes (ddp_spawn): the run and its averages will live there, so
+        # say so in this process's policy, whose begin() is never called
+        self.policy._elsewhere = (
+            "this callback was sent to worker processes (a spawning strategy such as ddp_spawn), "
+            "where training ran and the averages lived; this process's module holds rank 0's final "
+            "weights (the averaged ones with final='averaged'), and the averages and counters are "
+            "in the callback state of the checkpoints saved during fit. Use strategy='ddp' to keep "
+            "them in this process")
+        state = self.__dict__.copy()
+        state["_eval_stack"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._eval_stack = contextlib.ExitStack()
+        self.policy._elsewhere = None
 
     # ------------------------------------------------------------------ policy hook
 
@@ -140,8 +173,12 @@ class WeightAveraging(Callback):
         owned = {id(p) for p in model.parameters()}
         optimizers = [o for o in trainer.optimizers
                       if any(id(p) in owned for g in o.param_groups for p in g["params"])]
-        optimizers = optimizers or list(trainer.optimizers)  # a target no optimizer updates
+        optimizers = optimizers or list(trainer.optimizers)  # none: the policy says what is wrong
         total = trainer.estimated_stepping_batches
+        clock = None
+        if not pl_module.automatic_optimization and trainer.max_steps is not None and trainer.max_steps > 0:
+            # max_steps counts every optimizer.step() (global_step); the policy counts rounds
+            total, clock = trainer.max_steps, self._global_step(trainer)
         total_steps = int(total) if isinstance(total, (int, float)) and math.isfinite(total) and total > 0 else None
         n_batches = trainer.num_training_batches
         steps_per_epoch = (math.ceil(n_batches / trainer.accumulate_grad_batches)
@@ -151,13 +188,33 @@ class WeightAveraging(Callback):
         self.policy.begin(
             model, optimizers, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
             bn_data=self._bn_data if self._bn_data is not None else _TrainBatches(trainer),
-            bn_forward_fn=self._bn_forward_fn, bn_device=pl_module.device,
+            bn_forward_fn=self._bn_forward(pl_module, model), bn_device=pl_module.device, clock=clock,
         )
         if self.policy.eval_with == "both":
             self._patch_validation(trainer, pl_module)
 
     def _configure(self, trainer: pl.Trainer) -> None:
         """Settle arguments that depend on the trainer (hook for subclasses)."""
+
+    @staticmethod
+    def _global_step(trainer: pl.Trainer) -> Callable[[], int]:
+        return lambda: int(trainer.global_step)
+
+    def _bn_forward(self, pl_module: pl.LightningModule, model: nn.Module) -> Callable[[nn.Module, Any], Any] | None:
+        """``bn_forward_fn``, or ``training_step`` for a module without ``forward`` (as Lightning)."""
+        if self._bn_forward_fn is not None or model is not pl_module:
+            return self._bn_forward_fn
+        if not (self.policy._recompute_enabled() and _stat_layers(model)):
+            return None
+        if type(pl_module).forward is not pl.LightningModule.forward:
+            return None
+        if not pl_module.automatic_optimization:
+            raise ConfigError(
+                f"bn_forward_fn=None is invalid here: {type(pl_module).__name__} has no forward() and uses "
+                "manual optimization (its training_step steps the optimizers), so BatchNorm statistics "
+                "of the averaged weights cannot be recomputed through it; pass bn_forward_fn=fn(module, "
+                "batch) running one batch, or recompute_bn=False")
+        return _training_step_forward
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -211,10 +268,28 @@ class WeightAveraging(Callback):
         def run() -> Any:
             if self._fitting(trainer) and self.policy.has_average:
                 self._averaged_validation(trainer, pl_module, original)
+            elif self._fitting(trainer):
+                # no average yet: the averaged model is the training model; its metrics exist
+                # from the first validation (monitors of "swa/val_loss" need them)
+                return self._twice_logged(pl_module, original)
             return original()
 
         loop.run = run  # type: ignore[method-assign]
         self._patched_loop = (loop, original)
+
+    def _twice_logged(self, pl_module: pl.LightningModule, run: Callable[[], Any]) -> Any:
+        prefix = self.policy.log_prefix
+        log = pl_module.log
+
+        def both_log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            log(name, value, *args, **kwargs)
+            log(prefix + name, value, *args, **kwargs)
+
+        try:
+            pl_module.log = both_log  # type: ignore[method-assign]
+            return run()
+        finally:
+            del pl_module.log
 
     def _unpatch_validation(self) -> None:
         if self._patched_loop is not None:
@@ -360,3 +435,20 @@ class StochasticWeightAveraging(SWA):
         if isinstance(f, float) and trainer.max_epochs is not None and trainer.max_epochs > 0:
             # Lightning's rule: the int(f * max_epochs)-th epoch (1-based)
             self.policy.window_start = Duration(max(int(trainer.max_epochs * f) - 1, 0), "ep")
+
+
+def _training_step_forward(module: nn.Module, batch: Any) -> Any:
+    """BatchNorm forward through ``training_step`` (no gradient; ``log`` and ``log_dict`` muted)."""
+    assert isinstance(module, pl.LightningModule)
+
+    def mute(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    module.log = mute  # type: ignore[method-assign]
+    module.log_dict = mute  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            return module.training_step(batch, 0)
+    finally:
+        del module.log
+        del module.log_dict

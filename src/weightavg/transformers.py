@@ -294,6 +294,7 @@ class WeightAveragingMixin(_TrainerBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._wa_saved_averaged = False
+        self._wa_saving = False  # inside save_model's averaged() (every rank entered it)
         self._wa_check()
 
     # ------------------------------------------------------------------ callbacks & checks
@@ -376,19 +377,44 @@ class WeightAveragingMixin(_TrainerBase):
         for cb in cbs:
             cb._load(policies[cb.key])
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` with the averaged weights in the model while training.
+
+        Every rank calls ``save_model`` (checkpoints included) while only the saving rank calls
+        ``_save``: the averaged weights are swapped in here, where BatchNorm statistics may be
+        pooled across ranks (a collective every rank joins); ``_save`` then writes what is in
+        the model and runs no collective.
+        """
+        policy = self._wa_writer()
+        if policy is None or self._wa_saving:
+            super().save_model(output_dir, _internal_call)
+            return
+        with policy.averaged():
+            self._wa_saving = True
+            try:
+                super().save_model(output_dir, _internal_call)
+            finally:
+                self._wa_saving = False
+
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Tensor] | None = None) -> None:
+        if self._wa_saving:  # save_model swapped the averaged weights in on every rank
+            super()._save(output_dir, state_dict)
+            self._wa_saved_averaged = state_dict is None
+            return
         policy = self._wa_writer() if state_dict is None else None
         if policy is None:
             self._wa_saved_averaged = False
             super()._save(output_dir, state_dict)
             return
-        with policy.averaged():  # every rank enters: BatchNorm recomputation may be collective
+        # called outside save_model, possibly on one rank only: no collective (the statistics of
+        # the last collective evaluation/save if no update happened since, else this rank's own)
+        with policy.averaged(collective=False):
             super()._save(output_dir, state_dict)
         self._wa_saved_averaged = True
 
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+    def _save_checkpoint(self, model: nn.Module, trial: Any, *args: Any, **kwargs: Any) -> None:
         self._wa_saved_averaged = False
-        super()._save_checkpoint(model, trial)
+        super()._save_checkpoint(model, trial, *args, **kwargs)  # 4.x passes metrics= too
         cbs = self._wa_callbacks()
         if not cbs or not self.args.should_save or self.model is None:
             return
@@ -412,11 +438,13 @@ class WeightAveragingMixin(_TrainerBase):
         ``"averaged"``: the averaged weights, metrics under their usual names. ``"both"``: first
         the averaged weights (metrics ``<prefix>_<name>_*``, e.g. ``eval_swa_loss``, logged but
         not passed to ``on_evaluate`` alone), then the training weights; the returned metrics
-        and ``on_evaluate`` hold both sets. Before the first snapshot, and outside training, the
-        model is evaluated as it is.
+        and ``on_evaluate`` hold both sets. Before the first snapshot the averaged model is the
+        training model: it is evaluated once, and its metrics come under both names (so that
+        ``metric_for_best_model="eval_swa_loss"`` works from the first evaluation). Outside
+        training the model is evaluated as it is.
         """
         policy = next((cb.policy for cb in self._wa_callbacks()
-                       if cb.policy.eval_with != "training" and _active(cb.policy)), None)
+                       if cb.policy.eval_with != "training" and cb.policy.active), None)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if policy is None or isinstance(dataset, dict):  # dicts come back here one dataset at a time
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
@@ -425,6 +453,20 @@ class WeightAveragingMixin(_TrainerBase):
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
         handler = self.callback_handler
         original = handler.on_evaluate
+        if not policy.has_average:
+            # no average yet: the averaged model is the training model, so its metrics are the
+            # training model's (one pass), under both names from the first evaluation on
+            head, named = f"{metric_key_prefix}_", f"{metric_key_prefix}_{policy.name}_"
+
+            def copied(args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       metrics: dict[str, float], **kw: Any) -> TrainerControl:
+                twins = {named + k[len(head):]: v for k, v in metrics.items() if k.startswith(head)}
+                metrics.update(twins)
+                self.log(twins)
+                return original(args, state, control, metrics, **kw)
+
+            with _replaced(handler, "on_evaluate", copied):
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
 
         def silent(args: TrainingArguments, state: TrainerState, control: TrainerControl,
                    metrics: dict[str, float], **kw: Any) -> TrainerControl:

@@ -18,7 +18,6 @@ pytest.importorskip("accelerate")
 
 from safetensors.torch import load_file  # noqa: E402
 from transformers import (  # noqa: E402
-    PreTrainedConfig,
     PreTrainedModel,
     Trainer,
     TrainerCallback,
@@ -26,6 +25,8 @@ from transformers import (  # noqa: E402
 )
 
 import weightavg as wa  # noqa: E402
+
+PreTrainedConfig = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig  # 4.x name
 from weightavg.transformers import (  # noqa: E402
     EMA,
     STATE_NAME,
@@ -319,7 +320,10 @@ def test_evaluation_sees_what_eval_with_chooses(tmp_path, eval_with) -> None:
     assert training != pytest.approx(averaged, rel=1e-3)
     # step 2: nothing averaged yet, the training weights in every mode
     assert first["eval_loss"] == pytest.approx(by_hand_loss(rec.snaps[1], val.x, val.y), rel=1e-5)
-    assert "eval_swa_loss" not in first
+    if eval_with == "both":  # the averaged model is the training model until an average exists
+        assert first["eval_swa_loss"] == first["eval_loss"]
+    else:
+        assert "eval_swa_loss" not in first
     if eval_with == "averaged":
         assert second["eval_loss"] == pytest.approx(averaged, rel=1e-5)
         assert "eval_swa_loss" not in second
@@ -330,7 +334,22 @@ def test_evaluation_sees_what_eval_with_chooses(tmp_path, eval_with) -> None:
         assert second["eval_loss"] == pytest.approx(training, rel=1e-5)
         assert second["eval_swa_loss"] == pytest.approx(averaged, rel=1e-5)
         logged = [h for h in trainer.state.log_history if "eval_swa_loss" in h]
-        assert len(logged) == 1 and logged[0]["step"] == 4
+        assert [h["step"] for h in logged] == [2, 4]
+
+
+def test_best_model_on_the_averaged_metric_from_the_first_evaluation(tmp_path) -> None:
+    # the usual swa_start="0.75dur": evaluations at steps 2..8 come before the first snapshot
+    rec = Recorder()
+    cb = SWA(swa_start="0.75dur", update_interval=1, eval_with="both", final="training", bn_batches=2)
+    trainer = make_trainer(tmp_path, [cb, rec], max_steps=12, eval_strategy="steps", eval_steps=2,
+                           save_strategy="steps", save_steps=2, metric_for_best_model="eval_swa_loss",
+                           greater_is_better=False, load_best_model_at_end=True)
+    trainer.train()
+    assert [step for step, _ in rec.evaluations] == [2, 4, 6, 8, 10, 12]
+    for step, metrics in rec.evaluations:
+        assert ("eval_swa_loss" in metrics) and (metrics["eval_swa_loss"] == metrics["eval_loss"]) == (step <= 8)
+    best = min(rec.evaluations, key=lambda e: e[1]["eval_swa_loss"])
+    assert trainer.state.best_metric == best[1]["eval_swa_loss"]
 
 
 def test_evaluation_and_saving_leave_the_training_weights_alone(tmp_path) -> None:

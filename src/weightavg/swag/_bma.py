@@ -14,6 +14,18 @@ from .. import metrics
 from .._bn import has_running_stats, recompute_bn
 from .._errors import StateError, bad_arg
 
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` for the block; every module's own train/eval mode restored on exit."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
 __all__ = ["Posterior", "bma_predict", "predict_probs", "select_scale"]
 
 ForwardFn = Callable[[nn.Module, Any], Tensor]
@@ -65,16 +77,12 @@ def predict_probs(
 ) -> Tensor:
     """Softmax probabilities (N, C) of the model on every batch of ``data``, in float64.
 
-    The model is put in eval mode for the pass and its mode restored afterwards.
+    The model is put in eval mode for the pass and the mode of every module restored afterwards.
     """
     dev = torch.device(device) if device is not None else None
     fwd = forward_fn or _forward
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         parts = [torch.softmax(fwd(model, _move(b, dev)).double(), dim=-1).cpu() for b in data]
-    finally:
-        model.train(was_training)
     if not parts:
         raise bad_arg("data", "an empty iterable", "at least one batch")
     return torch.cat(parts)
@@ -144,7 +152,7 @@ def bma_predict(
                       "a SWAG, MultiSWAG, MultiSWA or SubspaceInference posterior")
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     live = dict(model.named_buffers())
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     total: Tensor | None = None
     count = 0
     try:
@@ -165,7 +173,8 @@ def bma_predict(
     finally:
         for n, b in buffers.items():
             live[n].copy_(b)
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     if total is None:
         raise StateError("the posterior produced no draw to average")
     return total.div_(count)

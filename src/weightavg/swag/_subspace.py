@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .._engine import unwrap_model
 from .._errors import StateError, bad_arg
-from ._bma import _move
+from ._bma import _move, eval_mode
 from ._swag import SWAG, check_num_samples, model_targets
 
 __all__ = ["Subspace", "SubspaceInference", "elliptical_slice", "pca_subspace", "random_subspace"]
@@ -243,16 +243,12 @@ class SubspaceInference:
         """``Σ_batches log p(y | x, θ(z))`` (untempered; differentiable in ``z`` under grad)."""
         module = unwrap_model(self.model)
         params = self._params(z)
-        was_training = module.training
-        module.eval()
         total = torch.zeros((), dtype=torch.float64)
-        try:
+        with eval_mode(module):
             for batch in data:
                 x, y = self._split(batch)
                 out = torch.func.functional_call(module, params, (x,))
                 total = total + self.loglik_fn(out, y).double().cpu()
-        finally:
-            module.train(was_training)
         return total
 
     def _split(self, batch: Any) -> tuple[Any, Tensor]:
@@ -332,9 +328,7 @@ class SubspaceInference:
         opt = torch.optim.Adam([mu, log_std], lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * n_batches)
         module = unwrap_model(self.model)
-        was_training = module.training
-        module.eval()
-        try:
+        with eval_mode(module):
             for _ in range(epochs):
                 for batch in data:
                     x, y = self._split(batch)
@@ -352,8 +346,6 @@ class SubspaceInference:
                     loss.backward()
                     opt.step()
                     sched.step()
-        finally:
-            module.train(was_training)
         self.vi_mean = mu.detach().clone()
         self.vi_std = log_std.detach().exp()
         self.method = "vi"
