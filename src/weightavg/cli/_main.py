@@ -218,46 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``weightavg demo``: run the comparison, print the table, write the files."""
-    from ..demo import DemoConfig, run_demo
-    from ..demo._methods import default_methods
-    from ..demo._progress import make_progress
-    from ..demo._report import print_table, result_json, write_outputs
+    """``weightavg demo``: check ``--out``, run the comparison, write the files, print the table."""
+    from ..demo._command import run_command
 
-    if args.methods is None:
-        methods = default_methods()
-    else:
-        methods = tuple(m.strip().lower() for m in args.methods.split(",") if m.strip())
-        if not methods:
-            raise bad_arg("--methods", args.methods, "a comma-separated list such as swa,ema")
-    cfg = DemoConfig(
-        dataset=args.dataset,
-        model=args.model,
-        seeds=args.seeds if args.seeds is not None else (2 if args.quick else 3 if args.model == "cnn" else 5),
-        epochs=args.epochs if args.epochs is not None else (8 if args.quick else 60),
-        swag_samples=args.swag_samples if args.swag_samples is not None else (5 if args.quick else 30),
-        methods=methods,
-        swa_lr=args.swa_lr,
-        swa_start=args.swa_start,
-        anneal_epochs=args.anneal_epochs,
-        threads=args.threads,
-        eval_every=args.eval_every if args.eval_every is not None else (5 if args.model == "cnn" else 1),
-    )
-    cfg.validate()
-    progress = make_progress(args.progress)
-    result = run_demo(cfg, progress)
-    files, note = write_outputs(result, args.out, plots=not args.no_plots)
-    if args.json:
-        print(json.dumps(result_json(result, files), indent=1))
-    else:
-        print_table(result)
-        if args.quick:
-            print("(--quick is a smoke test: too few epochs and seeds for these numbers to mean "
-                  "anything; run 'weightavg demo' for the real comparison)")
-        print("Files: " + ", ".join(files))
-        if note:
-            print(note)
-    return 0
+    return run_command(args)
 
 
 # ----------------------------------------------------------------------------- average

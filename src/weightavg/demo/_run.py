@@ -178,6 +178,10 @@ class DemoResult:
         """Paired comparison of ``method − SGD`` over seeds."""
         return paired_test(self.values(method, metric), self.values("sgd", metric))
 
+    def differences(self, method: str, metric: str) -> list[float]:
+        """Per-seed ``method − SGD`` of ``metric``."""
+        return [a - b for a, b in zip(self.values(method, metric), self.values("sgd", metric), strict=True)]
+
     def config_dict(self) -> dict[str, Any]:
         d = asdict(self.config)
         d["methods"] = list(self.config.method_keys())
@@ -374,7 +378,8 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> DemoResult:
         seeds: list[SeedResult] = []
         try:
             for seed in range(cfg.seeds):
-                r, _ = _run_seed(seed, cfg, data, ctx, progress, f"seed {seed + 1}/{cfg.seeds}")
+                # seeds are named by their value (torch.manual_seed(seed)) everywhere: 0, 1, ...
+                r, _ = _run_seed(seed, cfg, data, ctx, progress, f"seed {seed} (seeds 0–{cfg.seeds - 1})")
                 seeds.append(r)
                 if progress is not None:
                     accs = "  ".join(f"{probes[k].label} {100 * r.metrics[k]['accuracy']:.1f}%"
