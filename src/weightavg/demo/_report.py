@@ -397,7 +397,9 @@ def _error_figure(result: DemoResult) -> Any:
     axes[0].set_title(f"Test error per epoch (mean ± std over seeds{every})", fontsize=10)
     axes[1].set_title(f"Zoom: epochs {lo}–{E}", fontsize=10)
     axes[0].set_xlim(0.5, E + 0.5)
-    axes[1].set_xlim(lo - 0.5, E + 0.5)  # half an epoch of room: end-of-run markers stay inside
+    # the zoom starts on its first epoch (a curve coming from earlier epochs enters at the edge) and
+    # ends half an epoch after the last: end-of-run markers stay inside
+    axes[1].set_xlim(lo, E + 0.5)
     for i, ax in enumerate(axes):
         if spans[i]:
             ax.set_ylim(*_limits(spans[i], floor=0.5 if i == 0 else 0.2))
