@@ -116,7 +116,8 @@ def _torch_swa_lrs(epochs: int, lr: float, swa_start: int, swa_lr: float, anneal
         pytest.param(20, 0.1, 2, 0.001, 10, "cos", "constant", id="blog-figure-1"),
         pytest.param(20, 0.1, 2, 0.1, 10, "cos", "constant", id="same-lr"),
         pytest.param(20, 0.01, 5, 0.1, 3, "linear", "constant", id="rising-linear"),
-        pytest.param(60, 0.1, 45, 0.03, 3, "cos", "cosine", id="demo"),
+        pytest.param(60, 0.1, 30, 0.03, 3, "cos", "cosine", id="demo"),
+        pytest.param(60, 0.1, 45, 0.03, 3, "cos", "cosine", id="demo-start-0.75"),
         pytest.param(10, 0.1, 0, 0.05, 1, "linear", "cosine", id="start-0"),
     ],
 )

@@ -23,7 +23,7 @@ __all__ = ["build_parser", "cmd_average", "cmd_demo", "cmd_plot_lr", "main"]
 
 _DEMO_EXAMPLES = """\
 examples:
-  weightavg demo                        # MNIST-1D, MLP, 5 seeds: SGD vs SWA vs EMA (~1 min)
+  weightavg demo                        # MNIST-1D, MLP, 8 seeds: SGD vs SWA vs EMA (~2 min)
   weightavg demo --quick                # a few seconds, for a smoke test
   weightavg demo --seeds 10 --epochs 120 --out runs/swa
   weightavg demo --dataset digits --methods swa
@@ -31,7 +31,7 @@ examples:
   weightavg demo --json > result.json   # machine-readable result on stdout
 
 SGD and each method share a seed's initial weights and batch order; SWA branches off the SGD run
-at 75% of the epochs. The table gives mean ± std over seeds, the paired difference to SGD and its
+after half of the epochs (--swa-start). The table gives mean ± std over seeds, the paired difference to SGD and its
 paired t-test p-value. Files: results.md, results.json and PNG plots (with matplotlib).
 """
 
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mnist1d (default, generated locally) or digits (scikit-learn)")
     p.add_argument("--model", choices=MODELS, default="mlp", help="mlp (default) or cnn")
     p.add_argument("--seeds", type=_positive_int("--seeds"), default=None,
-                   help="number of seeds (default 5, 3 for --model cnn; 2 with --quick)")
+                   help="number of seeds (default 8, 3 for --model cnn; 2 with --quick)")
     p.add_argument("--epochs", type=_positive_int("--epochs"), default=None,
                    help="epochs of the SGD run (default 60; 8 with --quick)")
     p.add_argument("--methods", default=None,
@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draws averaged by SWAG's prediction (default 30)")
     p.add_argument("--swa-lr", type=_positive_float("--swa-lr"), default=0.03,
                    help="SWA learning rate (default 0.03)")
-    p.add_argument("--swa-start", type=_fraction("--swa-start"), default=0.75,
-                   help="fraction of the epochs after which SWA starts (default 0.75)")
+    p.add_argument("--swa-start", type=_fraction("--swa-start"), default=0.5,
+                   help="fraction of the epochs after which SWA starts (default 0.5)")
     p.add_argument("--anneal-epochs", type=int, default=3, help="epochs of the anneal to --swa-lr")
     p.add_argument("--eval-every", type=_positive_int("--eval-every"), default=None, metavar="N",
                    help="evaluate the test-error curves every N epochs (default 1, 5 for cnn)")
