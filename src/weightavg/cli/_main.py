@@ -27,7 +27,7 @@ examples:
   weightavg demo --quick                # a few seconds, for a smoke test
   weightavg demo --seeds 10 --epochs 120 --out runs/swa
   weightavg demo --dataset digits --methods swa
-  weightavg demo --model cnn            # a CNN near its ceiling: SWA's gain is within noise (~2 min)
+  weightavg demo --model cnn            # a CNN near its ceiling: SWA's gain is within noise (~3 min)
   weightavg demo --json > result.json   # machine-readable result on stdout
 
 SGD and each method share a seed's initial weights and batch order; SWA branches off the SGD run
