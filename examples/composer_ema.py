@@ -6,6 +6,9 @@
    once per real optimizer step; after ``end()`` the model holds the EMA weights (Composer's
    ``model = ema.ema_model``). With Lightning: ``weightavg.lightning.EMA(half_life="50ba")``.
 
+Each form prints the test accuracy of the raw model (the trained weights, no EMA) next to its
+EMA's, so that the EMA has a baseline.
+
 Run: ``python examples/composer_ema.py``.
 """
 
@@ -40,7 +43,8 @@ def training_loop(model: nn.Module, train_loader) -> nn.Module:
     return ema_model
 
 
-def trainer_form(model: nn.Module, train_loader) -> nn.Module:
+def trainer_form(model: nn.Module, train_loader, before_end=None) -> nn.Module:
+    """``before_end(model)`` sees the raw trained weights, just before ``end()`` swaps in the EMA."""
     opt = torch.optim.Adam(model.parameters())
     ema = wa.EMA(half_life="50ba")
     ema.begin(model, opt, steps_per_epoch=len(train_loader))
@@ -50,6 +54,8 @@ def trainer_form(model: nn.Module, train_loader) -> nn.Module:
             opt.step()
             opt.zero_grad()
         ema.on_epoch_end()
+    if before_end is not None:
+        before_end(model)
     ema.end()  # the model now holds the EMA weights
     return model
 
@@ -75,9 +81,13 @@ def main(train_loader=None, test=None) -> tuple[float, float]:
             return float((m.eval()(x).argmax(1) == y).float().mean())
 
     make = lambda: nn.Sequential(nn.Linear(x.shape[1], 64), nn.ReLU(), nn.Linear(64, 10))  # noqa: E731
-    a = acc(training_loop(make(), train_loader))
-    b = acc(trainer_form(make(), train_loader))
-    print(f"EMA accuracy: functional {a:.3f}, policy {b:.3f}")
+    model = make()
+    a = acc(training_loop(model, train_loader))
+    raw_a = acc(model)  # the trained weights themselves
+    raw: list[float] = []
+    b = acc(trainer_form(make(), train_loader, before_end=lambda m: raw.append(acc(m))))
+    print(f"functional form: raw model (no EMA) {raw_a:.3f}, EMA {a:.3f}")
+    print(f"policy form:     raw model (no EMA) {raw[0]:.3f}, EMA {b:.3f}")
     return a, b
 
 

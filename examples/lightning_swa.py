@@ -64,6 +64,8 @@ def main(plot: str | None = None, batches: int = 10) -> list[float]:
         plt.ylabel("learning rate")
         plt.title("swa_lrs=0.001, swa_epoch_start=2, annealing_epochs=10, cos")
         plt.savefig(plot)
+        plt.close()
+        print(f"wrote {plot}")
     return lrs
 
 

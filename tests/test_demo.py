@@ -8,7 +8,10 @@ import copy
 import io
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -113,7 +116,8 @@ def _torch_swa_lrs(epochs: int, lr: float, swa_start: int, swa_lr: float, anneal
         pytest.param(20, 0.1, 2, 0.001, 10, "cos", "constant", id="blog-figure-1"),
         pytest.param(20, 0.1, 2, 0.1, 10, "cos", "constant", id="same-lr"),
         pytest.param(20, 0.01, 5, 0.1, 3, "linear", "constant", id="rising-linear"),
-        pytest.param(60, 0.1, 45, 0.03, 3, "cos", "cosine", id="demo"),
+        pytest.param(60, 0.1, 30, 0.03, 3, "cos", "cosine", id="demo"),
+        pytest.param(60, 0.1, 45, 0.03, 3, "cos", "cosine", id="demo-start-0.75"),
         pytest.param(10, 0.1, 0, 0.05, 1, "linear", "cosine", id="start-0"),
     ],
 )
@@ -437,3 +441,330 @@ def test_demo_bad_options_fail_with_one_line(argv: list[str], message: str, tmp_
     assert message in err
     assert len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- the command, end to end
+
+_REPO = Path(__file__).resolve().parents[1]
+_DEMO_FILES = ("results.md", "results.json", "lr_schedule.png", "test_error.png", "reliability.png")
+
+
+def _cli(argv: list[str], *, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """The real ``weightavg`` command in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "weightavg", *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=_REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _assert_complete(out: Path, *, plots: bool = True) -> dict:  # type: ignore[type-arg]
+    names = _DEMO_FILES if plots else _DEMO_FILES[:2]
+    for name in names:
+        assert (out / name).is_file(), name
+    for name in _DEMO_FILES[2:]:
+        if plots:
+            assert (out / name).read_bytes()[:8] == PNG, name
+        else:
+            assert not (out / name).exists(), name
+    result = json.loads((out / "results.json").read_text())
+    assert sorted(Path(f).name for f in result["files"]) == sorted(names)
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [
+    pytest.param(["--quick", "--eval-every", "2"], id="eval-every-2"),
+    pytest.param(["--quick", "--model", "cnn", "--methods", "swa,ema"], id="cnn"),
+])
+def test_demo_curves_evaluated_every_n_epochs_are_plotted(argv: list[str], tmp_path: Path) -> None:
+    """Regression: NaN entries of unevaluated epochs reached set_ylim and lost every result."""
+    proc = _cli(["demo", *argv, "--out", str(tmp_path), "--progress", "none"])
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    result = _assert_complete(tmp_path)
+    curve = result["methods"]["sgd"]["test_error_curve"]["mean"]
+    every = result["config"]["eval_every"]
+    assert every > 1
+    assert [i for i, v in enumerate(curve) if v is not None] == [
+        e for e in range(len(curve)) if (e + 1) % every == 0 or e == len(curve) - 1]
+    assert "| SWA |" in (tmp_path / "results.md").read_text()
+
+
+# Every documented option and option value at --quick scale (each combination a few seconds).
+_COMBOS = [
+    pytest.param(["--model", "cnn", "--eval-every", "3", "--methods", "swa,ema", "--seeds", "1"],
+                 id="cnn-every-3"),
+    pytest.param(["--dataset", "digits", "--methods", "swa,ema"], id="digits"),
+    pytest.param(["--dataset", "digits", "--model", "cnn", "--eval-every", "4", "--methods", "swa"],
+                 id="digits-cnn"),
+    pytest.param(["--methods", "ema", "--eval-every", "8", "--no-plots"], id="ema-no-plots"),
+    pytest.param(["--methods", "swag", "--swag-samples", "2", "--eval-every", "5", "--json"], id="swag-json"),
+    pytest.param(["--methods", "sgd", "--eval-every", "2"], id="sgd-only"),
+    pytest.param(["--seeds", "1", "--epochs", "5", "--swa-start", "0.4", "--swa-lr", "0.05",
+                  "--anneal-epochs", "0", "--methods", "swa"], id="one-seed-swa-options"),
+    pytest.param(["--seeds", "3", "--epochs", "4", "--methods", "swa", "--threads", "1",
+                  "--progress", "plain"], id="three-seeds-threads"),
+    pytest.param(["--methods", "swa", "--epochs", "4", "--progress", "rich"], id="rich"),
+    pytest.param(["--methods", "swa", "--epochs", "4", "--progress", "tqdm", "--json", "--no-plots"],
+                 id="tqdm-json-no-plots"),
+    pytest.param(["--methods", "swa", "--epochs", "4", "--progress", "auto"], id="auto"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", _COMBOS)
+def test_demo_option_combinations(argv: list[str], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    rc = main(["demo", "--quick", *argv, "--out", str(tmp_path)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "warning" not in cap.err
+    result = _assert_complete(tmp_path, plots="--no-plots" not in argv)
+    if "--json" in argv:
+        assert json.loads(cap.out)["methods"] == result["methods"]
+    else:
+        assert "Wall time:" in cap.out
+    cfg = result["config"]
+    assert len(result["seeds"]) == cfg["seeds"]
+    for entry in result["methods"].values():
+        assert len(entry["accuracy"]["per_seed"]) == cfg["seeds"]
+        assert len(entry["test_error_curve"]["mean"]) == cfg["epochs"]
+
+
+def test_demo_out_existing_file_fails_before_training(tmp_path: Path) -> None:
+    target = tmp_path / "taken.txt"
+    target.write_text("keep me")
+    proc = _cli(["demo", "--quick", "--out", str(target), "--progress", "plain"])
+    assert proc.returncode == 1
+    assert "--out" in proc.stderr and str(target) in proc.stderr
+    assert "seed 0" not in proc.stderr  # nothing was trained
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("kind", ["file-in-path", "result-is-a-folder"])
+def test_demo_out_unusable_paths_fail_before_training(kind: str, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    if kind == "file-in-path":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "run"
+    else:
+        out = tmp_path / "run"
+        (out / "results.json").mkdir(parents=True)
+    started = []
+    with mock.patch("weightavg.demo.run_demo", side_effect=lambda *a, **k: started.append(1)), \
+            mock.patch("weightavg.demo._command.run_demo", side_effect=lambda *a, **k: started.append(1)):
+        rc = main(["demo", "--quick", "--out", str(out), "--progress", "none"])
+    err = capsys.readouterr().err
+    assert rc == 1 and not started
+    assert "--out" in err
+
+
+@pytest.mark.slow
+def test_demo_reused_out_replaces_only_its_own_files(tmp_path: Path) -> None:
+    for name in _DEMO_FILES:
+        (tmp_path / name).write_bytes(b"stale from an earlier run")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "old.png").write_bytes(b"mine too")
+    proc = _cli(["demo", "--quick", "--methods", "swa", "--no-plots", "--out", str(tmp_path),
+                 "--progress", "none"])
+    assert proc.returncode == 0, proc.stderr
+    _assert_complete(tmp_path, plots=False)  # the stale PNGs are gone
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "old.png").read_bytes() == b"mine too"
+    said = (proc.stdout + proc.stderr).lower()
+    assert "replaced" in said and "results.md" in said
+    for name in _DEMO_FILES[2:]:
+        assert name in said  # each removed stale plot is named
+
+
+def test_demo_results_survive_a_failing_plot(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from weightavg.demo import _report
+
+    drawn: list[str] = []
+
+    def boom(result, path):  # type: ignore[no-untyped-def]
+        # results are on disk before any plot is drawn
+        assert (path.parent / "results.json").is_file() and (path.parent / "results.md").is_file()
+        drawn.append(path.name)
+        raise ValueError("Axis limits cannot be NaN or Inf")
+
+    monkeypatch.setattr(_report, "_plot_error", boom)
+    (tmp_path / "test_error.png").write_bytes(b"stale")
+    rc = main(["demo", "--dataset", "digits", "--seeds", "2", "--epochs", "4", "--methods", "swa",
+               "--out", str(tmp_path), "--progress", "none"])
+    cap = capsys.readouterr()
+    assert drawn == ["test_error.png"]
+    assert rc == 1  # something asked for was not written: the status says so
+    assert "test_error.png" in cap.err and "Axis limits" in cap.err
+    assert "Traceback" not in cap.err
+    assert "| SWA |" in (tmp_path / "results.md").read_text()
+    assert "Wall time:" in cap.out  # the table is still printed
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert "test_error.png" not in " ".join(result["files"])
+    assert not (tmp_path / "test_error.png").exists()  # no stale plot next to new results
+    for name in ("lr_schedule.png", "reliability.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG
+
+
+# ----------------------------------------------------------------------------- what the files say
+
+
+def _fake_result(*, seeds: int = 3, epochs: int = 10, eval_every: int = 1, swa_start: float = 0.7,
+                 methods: tuple[str, ...] = ("swa", "swag")):  # type: ignore[no-untyped-def]
+    """A DemoResult with hand-made numbers (no training)."""
+    from weightavg.demo._run import DemoResult, SeedResult
+
+    cfg = DemoConfig(seeds=seeds, epochs=epochs, eval_every=eval_every, swa_start=swa_start,
+                     methods=methods)
+    keys = cfg.method_keys()
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (300,), generator=g)
+    out = []
+    for s in range(seeds):
+        r = SeedResult(seed=s)
+        for i, k in enumerate(keys):
+            logits = torch.randn(300, 10, generator=g, dtype=torch.float64)
+            logits[torch.arange(300), y] += 2.0 + 0.3 * i
+            logits *= (1.0, 3.0, 8.0)[s % 3]  # seeds from under- to over-confident: pooling changes the ECE
+            r.probs[k] = torch.softmax(logits, 1)
+            r.metrics[k] = {"accuracy": float((r.probs[k].argmax(1) == y).double().mean()),
+                            "nll": float(-r.probs[k][torch.arange(300), y].log().mean()),
+                            "ece": metrics_ece(r.probs[k], y)}
+            r.train_time_s[k] = 1.0
+            curve = [math.nan] * epochs
+            evaluated = [e for e in range(epochs) if (e + 1) % eval_every == 0 or e == epochs - 1]
+            if k == "swag":
+                evaluated = [epochs - 1]
+            elif k != "sgd":
+                evaluated = [e for e in evaluated if e >= cfg.swa_start_epoch]
+            for e in evaluated:
+                curve[e] = 0.9 * math.exp(-e / 2) + 0.2 - 0.01 * i + 0.005 * s
+            r.curves[k] = curve
+        out.append(r)
+    return DemoResult(config=cfg, data_description="fake", labels={k: k.upper() for k in keys},
+                      descriptions=dict.fromkeys(keys, ""),
+                      trajectories={k: "sgd" if k == "sgd" else "swa" for k in keys},
+                      seeds=out, y_test=y, wall_time_s=1.0, threads=1)
+
+
+def metrics_ece(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    from weightavg import metrics
+
+    return metrics.ece(probs, labels, num_bins=15)
+
+
+def test_results_json_wins_count_the_better_direction() -> None:
+    from weightavg.demo._report import result_json
+
+    res = _fake_result(seeds=4, methods=("swa",))
+    for i, s in enumerate(res.seeds):  # SWA: higher accuracy in 3/4, lower NLL in 4/4, lower ECE in 1/4
+        s.metrics["sgd"] = {"accuracy": 0.70, "nll": 0.80, "ece": 0.05}
+        s.metrics["swa"] = {"accuracy": 0.72 if i else 0.69, "nll": 0.70 - 0.01 * i,
+                            "ece": 0.04 if i == 0 else 0.06}
+    vs = result_json(res)["methods"]["swa"]["vs_sgd"]
+    assert (vs["accuracy"]["wins"], vs["nll"]["wins"], vs["ece"]["wins"]) == (3, 4, 1)
+    assert (vs["accuracy"]["better"], vs["nll"]["better"], vs["ece"]["better"]) == ("higher", "lower", "lower")
+
+
+def test_reliability_titles_name_the_table_ece() -> None:
+    from weightavg import metrics
+    from weightavg.demo._report import _reliability_figure
+
+    res = _fake_result(seeds=3)
+    fig = _reliability_figure(res)
+    titles = [ax.get_title() for ax in fig.axes]
+    for key, title in zip(res.labels, titles, strict=True):
+        table_ece = 100 * sum(s.metrics[key]["ece"] for s in res.seeds) / 3
+        pooled = 100 * metrics.ece(torch.cat([s.probs[key] for s in res.seeds]),
+                                   torch.cat([res.y_test] * 3), num_bins=15)
+        assert abs(table_ece - pooled) > 0.05  # the two differ: both must be labelled
+        assert f"{table_ece:.1f}" in title and "mean of seeds" in title, title
+        assert f"{pooled:.1f}" in title and "pooled" in title, title
+
+
+@pytest.mark.parametrize(("epochs", "eval_every", "swa_start"), [(8, 1, 0.75), (60, 5, 0.75), (10, 3, 0.3)])
+def test_test_error_figure_shows_every_point(epochs: int, eval_every: int, swa_start: float) -> None:
+    from matplotlib.collections import PolyCollection
+
+    from weightavg.demo._report import _error_figure
+
+    res = _fake_result(epochs=epochs, eval_every=eval_every, swa_start=swa_start)
+    fig = _error_figure(res)
+    main_ax, zoom = fig.axes[:2]
+    assert main_ax.get_xlim() != zoom.get_xlim()  # the zoom shows less than the whole run
+    for ax in (main_ax, zoom):
+        x0, x1 = ax.get_xlim()
+        y0, y1 = ax.get_ylim()
+        assert all(map(math.isfinite, (x0, x1, y0, y1)))
+        # SWAG's end-of-run marker is inside the panel, not on its edge
+        assert x0 < epochs - 0.2 and epochs + 0.2 < x1
+        # no curve or band clipped: every drawn point of the visible epochs is inside the limits
+        for line in ax.get_lines():
+            if "SWA start" in str(line.get_label()):
+                continue  # the vertical marker, in axes coordinates
+            for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True):
+                if x0 <= x <= x1:
+                    assert y0 <= y <= y1, (line.get_label(), x, y, (y0, y1))
+        for coll in ax.collections:  # mean ± std bands and error bars
+            segments = [p.vertices for p in coll.get_paths()] if isinstance(coll, PolyCollection) \
+                else list(getattr(coll, "get_segments", list)())
+            for seg in segments:
+                for x, y in seg:
+                    if x0 <= x <= x1:
+                        assert y0 - 1e-9 <= y <= y1 + 1e-9, (x, y, (y0, y1))
+        labels = [t.get_text() for t in ax.texts] + [h.get_label() for h in ax.get_lines()]
+        assert any("SWA start" in t for t in labels), labels
+
+
+def test_progress_and_result_lines_number_seeds_alike(digits) -> None:  # type: ignore[no-untyped-def]
+    from weightavg.demo import run_demo
+
+    class Record:
+        def __init__(self) -> None:
+            self.adv: list[str] = []
+            self.logs: list[str] = []
+
+        def start(self, total: int) -> None: ...
+
+        def advance(self, description: str) -> None:
+            self.adv.append(description)
+
+        def log(self, text: str) -> None:
+            self.logs.append(text)
+
+        def close(self) -> None: ...
+
+    rec = Record()
+    res = run_demo(DemoConfig(dataset="digits", seeds=2, epochs=3, methods=("ema",)), rec)
+    in_progress = {int(m) for d in rec.adv for m in re.findall(r"seed (\d+)", d)}
+    in_results = {int(m) for t in rec.logs for m in re.findall(r"seed (\d+)", t)}
+    assert in_progress == in_results == {s.seed for s in res.seeds} == {0, 1}
+
+
+# ----------------------------------------------------------------------------- examples
+
+_EXAMPLES = _REPO / "examples"
+
+
+def test_composer_ema_example_prints_the_raw_model_baseline(capsys) -> None:  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("example_composer_ema_demo", _EXAMPLES / "composer_ema.py")
+    assert spec is not None and spec.loader is not None
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 64, generator=g)
+    y = (x[:, 0] > 0).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    ex.main(loader, (x[:32], y[:32]))
+    out = capsys.readouterr().out
+    assert re.search(r"raw model \(no EMA\) \d\.\d{3}", out), out
+    assert re.search(r"EMA \d\.\d{3}", out), out
+
+
+def test_lightning_swa_example_says_where_it_wrote(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
+    target = tmp_path / "f.png"
+    proc = subprocess.run([sys.executable, str(_EXAMPLES / "lightning_swa.py"), "--plot", str(target)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert target.read_bytes()[:8] == PNG
+    assert f"wrote {target}" in proc.stdout

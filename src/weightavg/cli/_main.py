@@ -34,15 +34,15 @@ __all__ = ["build_parser", "cmd_average", "cmd_demo", "cmd_plot_lr", "main"]
 
 _DEMO_EXAMPLES = """\
 examples:
-  weightavg demo                        # MNIST-1D, MLP, 5 seeds: SGD vs SWA vs EMA (~1 min)
+  weightavg demo                        # MNIST-1D, MLP, 8 seeds: SGD vs SWA vs EMA (~2 min)
   weightavg demo --quick                # a few seconds, for a smoke test
   weightavg demo --seeds 10 --epochs 120 --out runs/swa
   weightavg demo --dataset digits --methods swa
-  weightavg demo --model cnn            # a CNN near its ceiling: SWA's gain is within noise (~2 min)
+  weightavg demo --model cnn            # a CNN near its ceiling: SWA's gain is within noise (~3 min)
   weightavg demo --json > result.json   # machine-readable result on stdout
 
 SGD and each method share a seed's initial weights and batch order; SWA branches off the SGD run
-at 75% of the epochs. The table gives mean ± std over seeds, the paired difference to SGD and its
+after half of the epochs (--swa-start). The table gives mean ± std over seeds, the paired difference to SGD and its
 paired t-test p-value. Files: results.md, results.json and PNG plots (with matplotlib).
 """
 
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mnist1d (default, generated locally) or digits (scikit-learn)")
     p.add_argument("--model", choices=MODELS, default="mlp", help="mlp (default) or cnn")
     p.add_argument("--seeds", type=_positive_int("--seeds"), default=None,
-                   help="number of seeds (default 5, 3 for --model cnn; 2 with --quick)")
+                   help="number of seeds (default 8, 3 for --model cnn; 2 with --quick)")
     p.add_argument("--epochs", type=_positive_int("--epochs"), default=None,
                    help="epochs of the SGD run (default 60; 8 with --quick)")
     p.add_argument("--methods", default=None,
@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draws averaged by SWAG's prediction (default 30)")
     p.add_argument("--swa-lr", type=_positive_float("--swa-lr"), default=0.03,
                    help="SWA learning rate (default 0.03)")
-    p.add_argument("--swa-start", type=_fraction("--swa-start"), default=0.75,
-                   help="fraction of the epochs after which SWA starts (default 0.75)")
+    p.add_argument("--swa-start", type=_fraction("--swa-start"), default=0.5,
+                   help="fraction of the epochs after which SWA starts (default 0.5)")
     p.add_argument("--anneal-epochs", type=int, default=3, help="epochs of the anneal to --swa-lr")
     p.add_argument("--eval-every", type=_positive_int("--eval-every"), default=None, metavar="N",
                    help="evaluate the test-error curves every N epochs (default 1, 5 for cnn)")
@@ -251,46 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``weightavg demo``: run the comparison, print the table, write the files."""
-    from ..demo import DemoConfig, run_demo
-    from ..demo._methods import default_methods
-    from ..demo._progress import make_progress
-    from ..demo._report import print_table, result_json, write_outputs
+    """``weightavg demo``: check ``--out``, run the comparison, write the files, print the table."""
+    from ..demo._command import run_command
 
-    if args.methods is None:
-        methods = default_methods()
-    else:
-        methods = tuple(m.strip().lower() for m in args.methods.split(",") if m.strip())
-        if not methods:
-            raise bad_arg("--methods", args.methods, "a comma-separated list such as swa,ema")
-    cfg = DemoConfig(
-        dataset=args.dataset,
-        model=args.model,
-        seeds=args.seeds if args.seeds is not None else (2 if args.quick else 3 if args.model == "cnn" else 5),
-        epochs=args.epochs if args.epochs is not None else (8 if args.quick else 60),
-        swag_samples=args.swag_samples if args.swag_samples is not None else (5 if args.quick else 30),
-        methods=methods,
-        swa_lr=args.swa_lr,
-        swa_start=args.swa_start,
-        anneal_epochs=args.anneal_epochs,
-        threads=args.threads,
-        eval_every=args.eval_every if args.eval_every is not None else (5 if args.model == "cnn" else 1),
-    )
-    cfg.validate()
-    progress = make_progress(args.progress)
-    result = run_demo(cfg, progress)
-    files, note = write_outputs(result, args.out, plots=not args.no_plots)
-    if args.json:
-        print(json.dumps(result_json(result, files), indent=1))
-    else:
-        print_table(result)
-        if args.quick:
-            print("(--quick is a smoke test: too few epochs and seeds for these numbers to mean "
-                  "anything; run 'weightavg demo' for the real comparison)")
-        print("Files: " + ", ".join(files))
-        if note:
-            print(note)
-    return 0
+    return run_command(args)
 
 
 # ----------------------------------------------------------------------------- average

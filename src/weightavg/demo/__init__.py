@@ -1,4 +1,4 @@
-"""``weightavg demo``: SGD vs SWA vs EMA on MNIST-1D, paired by seed, in about a minute on a CPU.
+"""``weightavg demo``: SGD vs SWA vs EMA on MNIST-1D, paired by seed, in about two minutes on a CPU.
 
 Needs the ``demo`` extra (``pip install 'weightavg[demo]'``) for the data; matplotlib (in that
 extra) draws the plots.

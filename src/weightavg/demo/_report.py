@@ -9,6 +9,7 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from ._run import DemoResult
 from ._stats import mean_std
 
 __all__ = [
+    "DEMO_FILES",
     "PLOT_FILES",
+    "Outputs",
     "column_order",
     "plot_schedule",
     "render_markdown",
@@ -31,6 +34,8 @@ __all__ = [
 ]
 
 PLOT_FILES = ("lr_schedule.png", "test_error.png", "reliability.png")
+#: every file the demo writes into its output folder (and the only ones it replaces or removes)
+DEMO_FILES = ("results.md", "results.json", *PLOT_FILES)
 _ALPHA = 0.05
 _METRICS = (("accuracy", "Acc. %", 100.0, 1), ("nll", "NLL", 1.0, 3), ("ece", "ECE %", 100.0, 1))
 
@@ -229,8 +234,15 @@ def _curve_stats(result: DemoResult, key: str) -> tuple[list[float], list[float]
     return means, stds
 
 
-def result_json(result: DemoResult, files: list[str] | None = None) -> dict[str, Any]:
-    """Machine-readable result (NaN becomes null)."""
+def result_json(
+    result: DemoResult, files: list[str] | None = None, plot_errors: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Machine-readable result (NaN becomes null).
+
+    ``methods.<key>.vs_sgd.<metric>.wins`` counts the seeds where the method beat SGD: higher
+    accuracy, lower NLL and ECE (``better`` says which); ``plot_errors`` maps a plot that could not
+    be drawn to the reason.
+    """
     methods: dict[str, Any] = {}
     for key, label in result.labels.items():
         entry: dict[str, Any] = {"label": label, "description": result.descriptions[key],
@@ -242,9 +254,11 @@ def result_json(result: DemoResult, files: list[str] | None = None) -> dict[str,
             entry["vs_sgd"] = {}
             for metric in ("accuracy", "nll", "ece"):
                 pr = result.versus_sgd(key, metric)
+                higher = metric == "accuracy"
+                wins = sum((d > 0) if higher else (d < 0) for d in result.differences(key, metric))
                 entry["vs_sgd"][metric] = {"diff_mean": pr.diff_mean, "diff_std": pr.diff_std,
-                                           "p_value": _nan_to_none(pr.p_value), "wins": pr.wins,
-                                           "n": pr.n}
+                                           "p_value": _nan_to_none(pr.p_value), "wins": wins,
+                                           "better": "higher" if higher else "lower", "n": pr.n}
         means, stds = _curve_stats(result, key)
         entry["test_error_curve"] = {"mean": [_nan_to_none(v) for v in means],
                                      "std": [_nan_to_none(v) for v in stds]}
@@ -262,6 +276,7 @@ def result_json(result: DemoResult, files: list[str] | None = None) -> dict[str,
         "wall_time_s": result.wall_time_s,
         "threads": result.threads,
         "files": files or [],
+        "plot_errors": plot_errors or {},
     }
 
 
@@ -335,50 +350,78 @@ def _plot_lr(result: DemoResult, path: Path) -> None:
                          f"anneal {c.anneal_strategy}, {c.anneal_epochs} epochs"])
 
 
-def _plot_error(result: DemoResult, path: Path) -> None:
+def _zoom_start(epochs: int, swa_start: int) -> int:
+    """First epoch (1-based) of the zoom panel: a few epochs before the SWA start, within the last part."""
+    return max(1, min(swa_start, epochs - max(2, epochs // 4)) - max(1, epochs // 12))
+
+
+def _limits(values: list[float], *, pad: float = 0.06, floor: float = 0.5) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    margin = max(pad * (hi - lo), floor)
+    return lo - margin, hi + margin
+
+
+def _error_figure(result: DemoResult) -> Any:
+    """Test error per epoch, whole run and zoom on the SWA phase (only evaluated epochs drawn)."""
     c = result.config
-    fig, axes = _figure(11.0, 4.0, ncols=2)
-    lo_epoch = c.swa_start_epoch - 5
+    E, S = c.epochs, c.swa_start_epoch
+    fig, axes = _figure(11.0, 4.2, ncols=2)
+    lo = _zoom_start(E, S)
+    spans: dict[int, list[float]] = {0: [], 1: []}  # panel -> every drawn y (curve and band edges)
     for key, label in result.labels.items():
         means, stds = _curve_stats(result, key)
-        xs = [e + 1 for e, v in enumerate(means) if not math.isnan(v)]
-        ms = [100 * v for v in means if not math.isnan(v)]
-        ss = [100 * v for v in stds if not math.isnan(v)]
+        pts = [(e + 1, 100 * m, 100 * s) for e, (m, s) in enumerate(zip(means, stds, strict=True))
+               if not math.isnan(m)]  # epochs without an evaluation (--eval-every) are not drawn
+        if not pts:
+            continue
+        xs = [p[0] for p in pts]
+        ms = [p[1] for p in pts]
+        ss = [0.0 if math.isnan(p[2]) else p[2] for p in pts]
+        for i in (0, 1):
+            shown = [j for j, x in enumerate(xs) if i == 0 or x >= lo]
+            spans[i] += [ms[j] + d * ss[j] for j in shown for d in (-1.0, 1.0)]
+        color = _COLORS.get(key)
         if len(xs) == 1:  # evaluated at the end only (e.g. SWAG)
             for ax in axes:
-                ax.errorbar(xs, ms, yerr=ss, fmt="D", ms=5, capsize=3, color=_COLORS.get(key),
+                ax.errorbar(xs, ms, yerr=ss, fmt="D", ms=5, capsize=3, color=color,
                             label=f"{label} (end of run)")
             continue
         name = label if key == "sgd" else f"{label} (running average)"
+        sparse = c.eval_every > 1
         for ax in axes:
-            ax.plot(xs, ms, lw=1.5, label=name, color=_COLORS.get(key))
+            ax.plot(xs, ms, lw=1.5, label=name, color=color, marker="o" if sparse else None, ms=3)
             ax.fill_between(xs, [m - s for m, s in zip(ms, ss, strict=True)],
                             [m + s for m, s in zip(ms, ss, strict=True)],
-                            alpha=0.15, color=_COLORS.get(key))
-    axes[0].set_title("Test error per epoch (mean ± std over seeds)", fontsize=10)
-    axes[1].set_title(f"Zoom: epochs {max(1, lo_epoch)}–{c.epochs}", fontsize=10)
-    axes[1].set_xlim(max(1, lo_epoch), c.epochs)
-    zoom = [100 * s.curves[k][e] for s in result.seeds for k in result.labels
-            for e in range(max(0, lo_epoch - 1), c.epochs) if not math.isnan(s.curves[k][e])]
-    if zoom:
-        pad = 0.1 * (max(zoom) - min(zoom) + 1e-9)
-        axes[1].set_ylim(min(zoom) - pad, max(zoom) + pad)
-    full = [100 * s.curves["sgd"][e] for s in result.seeds for e in range(c.epochs // 10, c.epochs)]
-    if full:
-        axes[0].set_ylim(min(zoom or full) - 2, max(full) + 2)
-    for ax in axes:
-        ax.axvline(c.swa_start_epoch + 0.5, color="grey", lw=0.8, ls=":")
+                            alpha=0.15, color=color, lw=0)
+    every = "" if c.eval_every == 1 else f", evaluated every {c.eval_every} epochs"
+    axes[0].set_title(f"Test error per epoch (mean ± std over seeds{every})", fontsize=10)
+    axes[1].set_title(f"Zoom: epochs {lo}–{E}", fontsize=10)
+    axes[0].set_xlim(0.5, E + 0.5)
+    # the zoom starts on its first epoch (a curve coming from earlier epochs enters at the edge) and
+    # ends half an epoch after the last: end-of-run markers stay inside
+    axes[1].set_xlim(lo, E + 0.5)
+    for i, ax in enumerate(axes):
+        if spans[i]:
+            ax.set_ylim(*_limits(spans[i], floor=0.5 if i == 0 else 0.2))
+        ax.axvline(S + 0.5, color="grey", lw=0.8, ls=":", label=f"SWA start (after epoch {S})")
+        ax.text(S + 0.5, 0.98, " SWA start", va="top", ha="left", fontsize=8, color="grey",
+                transform=ax.get_xaxis_transform())
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test error (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    _save(fig, path)
+    return fig
 
 
-def _plot_reliability(result: DemoResult, path: Path) -> None:
+def _plot_error(result: DemoResult, path: Path) -> None:
+    _save(_error_figure(result), path)
+
+
+def _reliability_figure(result: DemoResult) -> Any:
+    """Reliability diagrams of the pooled seeds; titles give both ECEs (table: mean of seeds)."""
     keys = list(result.labels)
-    fig, axes = _figure(3.3 * len(keys), 3.6, ncols=len(keys))
+    fig, axes = _figure(3.3 * len(keys), 4.0, ncols=len(keys))
     labels = torch.cat([result.y_test for _ in result.seeds])
     for ax, key in zip(axes, keys, strict=True):
         probs = torch.cat([s.probs[key] for s in result.seeds])
@@ -400,34 +443,90 @@ def _plot_reliability(result: DemoResult, path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.set_aspect("equal")
         ax.set_xlabel("confidence")
-        ax.set_title(f"{result.labels[key]}: ECE {100 * rel.ece:.1f}%", fontsize=10)
+        table_ece, _ = result.summary(key, "ece")
+        ax.set_title(f"{result.labels[key]}\nECE {100 * table_ece:.1f}% (mean of seeds, as in the table)\n"
+                     f"ECE {100 * rel.ece:.1f}% (seeds pooled, as drawn)", fontsize=9)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"Reliability on the test set ({len(result.seeds)} seeds pooled, 15 bins)",
-                 fontsize=10)
-    _save(fig, path)
+    fig.suptitle(f"Reliability on the test set ({len(result.seeds)} seed"
+                 f"{'' if len(result.seeds) == 1 else 's'} pooled, 15 bins)", fontsize=10)
+    return fig
 
 
-def write_outputs(result: DemoResult, out_dir: Path, *, plots: bool = True) -> tuple[list[str], str | None]:
-    """Write ``results.md``, ``results.json`` and (with matplotlib) the PNG plots into ``out_dir``.
+def _plot_reliability(result: DemoResult, path: Path) -> None:
+    _save(_reliability_figure(result), path)
+
+
+@dataclass
+class Outputs:
+    """What :func:`write_outputs` did in the output folder.
+
+    Attributes:
+        files: paths written by this run (the table files first).
+        note: why the plots were skipped (matplotlib missing), else None.
+        plot_errors: plot file name -> why it could not be drawn.
+        replaced: the demo's files of an earlier run that this run overwrote.
+        removed: the demo's plots of an earlier run that this run did not draw, deleted so that
+            no stale plot stays next to new results (other files are never touched).
+    """
+
+    files: list[str] = field(default_factory=list)
+    note: str | None = None
+    plot_errors: dict[str, str] = field(default_factory=dict)
+    replaced: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+def _reason(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}".rstrip(": ")
+
+
+def _write_tables(result: DemoResult, out_dir: Path, files: list[Path],
+                  plot_errors: dict[str, str]) -> None:
+    names = [str(p) for p in files]
+    write_atomic(out_dir / "results.md", render_markdown(result, names).encode())
+    write_atomic(out_dir / "results.json",
+                 (json.dumps(result_json(result, names, plot_errors), indent=1) + "\n").encode())
+
+
+def write_outputs(result: DemoResult, out_dir: Path, *, plots: bool = True) -> Outputs:
+    """Write ``results.md`` and ``results.json``, then (with matplotlib) the PNG plots, into ``out_dir``.
+
+    The table files are written before any plot is drawn. A plot that fails is recorded in
+    :attr:`Outputs.plot_errors` (the other plots are still drawn) and the table files are rewritten
+    to list only what exists. The demo's own files of an earlier run (:data:`DEMO_FILES`) are
+    replaced, and its plots that this run does not draw are removed; nothing else is touched.
 
     Returns:
-        The written file paths, and a note when the plots were skipped (None otherwise).
+        An :class:`Outputs` record.
     """
     import importlib.util
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    note = None
-    if plots and importlib.util.find_spec("matplotlib") is not None:
-        for name, fn in zip(PLOT_FILES, (_plot_lr, _plot_error, _plot_reliability), strict=True):
-            fn(result, out_dir / name)
-            written.append(out_dir / name)
-    elif plots:
-        note = "plots skipped: matplotlib is not installed (pip install 'weightavg[demo]')"
-    md, js = out_dir / "results.md", out_dir / "results.json"
-    names = [str(p) for p in (md, js, *written)]
-    write_atomic(md, render_markdown(result, names).encode())
-    write_atomic(js, (json.dumps(result_json(result, names), indent=1) + "\n").encode())
-    return names, note
+    earlier = [n for n in DEMO_FILES if (out_dir / n).exists() or (out_dir / n).is_symlink()]
+    outputs = Outputs()
+    draw = plots and importlib.util.find_spec("matplotlib") is not None
+    if plots and not draw:
+        outputs.note = "plots skipped: matplotlib is not installed (pip install 'weightavg[demo]')"
+    tables = [out_dir / "results.md", out_dir / "results.json"]
+    planned = [out_dir / n for n in PLOT_FILES] if draw else []
+    _write_tables(result, out_dir, tables + planned, {})  # before any plot: a plot never loses them
+    drawn: list[Path] = []
+    for path, fn in zip(planned, (_plot_lr, _plot_error, _plot_reliability), strict=False):
+        try:
+            fn(result, path)
+        except Exception as err:  # a plot must never cost the results: report it and go on
+            outputs.plot_errors[path.name] = _reason(err)
+        else:
+            drawn.append(path)
+    if outputs.plot_errors:
+        _write_tables(result, out_dir, tables + drawn, outputs.plot_errors)
+    for name in PLOT_FILES:
+        path = out_dir / name
+        if name in earlier and path not in drawn:
+            path.unlink(missing_ok=True)  # a stale plot of an earlier run (a symlink: the link only)
+            outputs.removed.append(name)
+    outputs.replaced = [n for n in earlier if n not in outputs.removed]
+    outputs.files = [str(p) for p in tables + drawn]
+    return outputs
