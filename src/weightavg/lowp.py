@@ -117,14 +117,14 @@ class _QuantizeActivation(torch.autograd.Function):
     """Identity whose forward quantizes the activation and whose backward quantizes the error."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, lp: LowPrecision) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, lp: LowPrecision) -> Tensor:
         ctx.lp = lp
         if lp.act_bits is None:
             return x.view_as(x)
         return quantize(x, lp.act_bits, block=lp.act_block, generator=lp.generator)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
         lp: LowPrecision = ctx.lp
         if lp.err_bits is None or grad is None:
             return grad, None
