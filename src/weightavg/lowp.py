@@ -101,16 +101,15 @@ def quantize(
     exp = torch.floor(torch.log2(m.clamp_min(tiny))).clamp_min(math.log2(tiny) + bits - 2)
     step = torch.exp2(exp - (bits - 2))
     scaled = xf / step  # exact: division by a power of two
-    k = torch.floor(scaled)
     if rounding == "stochastic":
-        frac = scaled - k  # exact: the bits of `scaled` below the binary point
-        noise = torch.rand(scaled.shape, generator=generator, device=scaled.device, dtype=work)
-        k += noise < frac
+        k = torch.floor(scaled)
+        frac = scaled.sub_(k)  # exact: the bits below the binary point
+        noise = torch.rand(frac.shape, generator=generator, device=frac.device, dtype=work)
+        k.add_(noise.lt_(frac))
     else:
-        k = torch.round(scaled)
+        k = scaled.round_()
     top = 2 ** (bits - 1) - 1
-    k.clamp_(-top, top)
-    return (k * step).to(x.dtype)
+    return k.clamp_(-top, top).mul_(step).to(x.dtype)
 
 
 class _QuantizeActivation(torch.autograd.Function):
