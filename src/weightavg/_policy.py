@@ -757,7 +757,8 @@ class SWA(AveragingPolicy):
         anneal_strategy: ``'cos'`` (default) or ``'linear'``.
         anneal_steps: length of the anneal to ``swa_lr`` (default ``'10ep'``; ``0``: jump).
             Its unit sets how often the rate changes: per epoch for whole epochs, else per step.
-        cycle: cycle length for a cyclic SWA phase (fast-SWA): each cycle goes from
+        cycle: cycle length for a cyclic SWA phase (the SWA paper's cycle; fast-SWA's cosine
+            schedule is :class:`~weightavg.FastSWALR`): each cycle goes from
             ``cycle_max_lr`` (default: the rate when the window opens) down to ``swa_lr``.
         cycle_max_lr: top of each cycle; a float or one per param group.
         avg_fn: custom ``avg_fn(averaged, new, num_averaged) -> Tensor`` per tensor

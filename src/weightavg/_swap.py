@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ._bn import has_running_stats, recompute_bn
 from ._engine import Averager, named_tensors
-from ._errors import MismatchError, StateError, bad_arg
+from ._errors import ConfigError, MismatchError, StateError, bad_arg
 from ._rules import mean
 
 __all__ = ["model_signature", "swap_average"]
@@ -49,17 +49,29 @@ def _collective_device(model: nn.Module, group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_same_model(model: nn.Module, group: Any) -> None:
-    """Raise the same MismatchError on every rank unless all ranks hold the same architecture."""
+def _check_same_model(model: nn.Module, group: Any, with_bn_data: bool) -> None:
+    """Raise the same error on every rank unless all ranks hold the same architecture.
+
+    Whether each rank passed ``bn_data`` travels with the signature: the BatchNorm recomputation
+    is a collective, so either every rank runs it or none.
+    """
     import torch.distributed as dist
 
     dev = _collective_device(model, group)
-    mine = model_signature(model).to(dev)
+    mine = torch.cat([model_signature(model), torch.tensor([int(with_bn_data)])]).to(dev)
     world = dist.get_world_size(group)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
-    sigs = [tuple(int(v) for v in s.cpu()) for s in every]
+    rows = [tuple(int(v) for v in s.cpu()) for s in every]
+    sigs = [r[:-1] for r in rows]
     if len(set(sigs)) == 1:
+        flags = [r[-1] for r in rows]
+        if len(set(flags)) > 1:
+            given = [r for r, f in enumerate(flags) if f]
+            raise ConfigError(
+                f"swap_average: bn_data was given on rank(s) {given} only; pass it on every rank "
+                "(each its own batches) or on none: the BatchNorm recomputation pools statistics "
+                "over all ranks. Nothing was averaged.")
         return
     ranks = ", ".join(f"rank {r}: {s[0]} tensors, {s[1]} elements, digest {s[2] & 0xFFFFFFFF:08x}"
                       for r, s in enumerate(sigs))
@@ -111,6 +123,7 @@ def swap_average(
     Raises:
         StateError: torch.distributed is not initialised.
         MismatchError: the ranks hold different models (raised on every rank, before averaging).
+        ConfigError: ``bn_data`` given on some ranks only (raised on every rank, before averaging).
     """
     import torch.distributed as dist
 
@@ -121,7 +134,7 @@ def swap_average(
             "swap_average averages the weights of the workers of a torch.distributed job, and no "
             "process group is initialised: call torch.distributed.init_process_group(...) on every "
             "worker first (or, in one process, average models with weightavg.Averager).")
-    _check_same_model(model, group)
+    _check_same_model(model, group, bn_data is not None and has_running_stats(model))
     avg = Averager(model, rule=mean(), dtype=_average_dtype(model))
     avg.update(model)
     avg.all_reduce(group)

@@ -55,6 +55,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         res["shapes"] = _errors(lambda: swap_average(_Shaped((4, 3) if rank == 0 else (3, 4))))
         # same shapes, different dtypes
         res["dtypes"] = _errors(lambda: swap_average(nn.Linear(2, 2).to(torch.float64 if rank else torch.float32)))
+        # bn_data on one rank only would run the BatchNorm collective on that rank alone
+        try:
+            swap_average(_bn_net(0), bn_data=_bn_data(rank) if rank == 0 else None)
+            res["bn_one_rank"] = "no error"
+        except wa.ConfigError as e:
+            res["bn_one_rank"] = str(e)
         # float64 stays float64 (the mean is exact in float64, not rounded through float32)
         torch.manual_seed(20 + rank)
         m64 = nn.Linear(3, 2).double()
@@ -78,6 +84,8 @@ def test_swap_average_two_ranks(tmp_path) -> None:
         for rank in range(2):
             msg = r[rank][key]
             assert "ranks hold different models" in msg and "rank 0" in msg and "rank 1" in msg, (key, msg)
+    for rank in range(2):
+        assert "bn_data was given on rank(s) [0] only" in r[rank]["bn_one_rank"]
     assert "rank 0: 2 tensors, 8 elements" in r[0]["sizes"] and "rank 1: 2 tensors, 10 elements" in r[0]["sizes"]
 
     for name in ("weight", "bias"):
