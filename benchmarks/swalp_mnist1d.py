@@ -1,8 +1,9 @@
 """SWALP on MNIST-1D: float SGD vs low-precision SGD vs SWALP, at 8 bits (the paper's setting) and below.
 
 Low precision is SWALP's full setting (Yang et al., ICML 2019): weights, gradients and momentum
-quantized after/before every optimizer step, and the activations and back-propagated errors of
-every Linear/Conv/BatchNorm/ReLU module, all in block floating point with one exponent per row
+quantized after/before every optimizer step, and the activations and back-propagated errors at
+the output of every Linear, Conv1d and ReLU module (so every layer's input is low precision), all
+in block floating point with one exponent per row
 (per output unit for weights, per example for activations) and stochastic rounding
 (``weightavg.lowp.LowPrecision(..., block="row", modules=...)``).
 
@@ -23,7 +24,7 @@ The table gives the test error (mean ± std over seeds), the paired difference t
 b-bit SGD with two-sided paired t-test p-values, and the share of the low-precision gap that SWALP
 closes: ``(err(b-bit SGD) − err(SWALP)) / (err(b-bit SGD) − err(float SGD))``.
 
-    nice -n 10 python benchmarks/swalp_mnist1d.py                     # both models, 8 6 5 4 bits, 5 seeds
+    nice -n 10 python benchmarks/swalp_mnist1d.py             # MLP at 8 6 5 4 bits, CNN at 8 6 4, 5 seeds
     python benchmarks/swalp_mnist1d.py --models mlp --bits 8 4 --seeds 3 --epochs 10   # quicker
 """
 
@@ -41,10 +42,10 @@ from torch import Tensor, nn
 
 import weightavg as wa
 from weightavg.demo._data import load_data
-from weightavg.demo._models import make_model
+from weightavg.demo._models import CNN1d, make_model
 from weightavg.lowp import LowPrecision, quantize
 
-QUANTIZED = (nn.Linear, nn.Conv1d, nn.BatchNorm1d, nn.ReLU)
+QUANTIZED = (nn.Linear, nn.Conv1d, nn.ReLU)
 
 
 def p_value(a: list[float], b: list[float]) -> float:
@@ -63,13 +64,18 @@ def error(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return 100.0 * wrong / len(y)
 
 
+def build(kind: str, features: int, classes: int, channels: int) -> nn.Module:
+    """The demo's MLP (40-256-256-10, BatchNorm) or its 1D CNN with ``channels`` channels."""
+    return CNN1d(features, classes, channels=channels) if kind == "cnn" else make_model(kind, features, classes)
+
+
 class Run:
     """One training run (float or low precision) that can be branched into an SWA phase."""
 
-    def __init__(self, kind: str, data: Any, seed: int, bits: int | None) -> None:
-        self.spec = (kind, data.num_features, data.num_classes)
+    def __init__(self, kind: str, data: Any, seed: int, bits: int | None, channels: int) -> None:
+        self.spec = (kind, data.num_features, data.num_classes, channels)
         torch.manual_seed(seed)
-        self.model = make_model(*self.spec)
+        self.model = build(*self.spec)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
                                    weight_decay=5e-3)
         self.bits = bits
@@ -85,7 +91,7 @@ class Run:
         """A copy of this run's model, optimizer state and precision (hooks of its own)."""
         other = Run.__new__(Run)
         other.spec = self.spec
-        other.model = make_model(*self.spec)
+        other.model = build(*self.spec)
         other.model.load_state_dict(self.model.state_dict())
         other.opt = torch.optim.SGD(other.model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
                                     weight_decay=5e-3)
@@ -109,7 +115,7 @@ class Run:
 
 
 def one_seed(kind: str, data: Any, seed: int, bits_list: list[int], epochs: int,
-             swa_lr: float) -> dict[str, float]:
+             swa_lr: float, channels: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(seed)
     orders = [torch.randperm(len(data.y_train), generator=g) for _ in range(epochs)]
 
@@ -128,7 +134,7 @@ def one_seed(kind: str, data: Any, seed: int, bits_list: list[int], epochs: int,
 
     out: dict[str, float] = {}
     for bits in [None, *bits_list]:
-        run = Run(kind, data, seed, bits)
+        run = Run(kind, data, seed, bits, channels)
         run.train(batches, range(start), cosine)
         swa = run.branch(seed)
         run.train(batches, range(start, epochs), cosine)
@@ -184,21 +190,25 @@ def table(kind: str, results: list[dict[str, float]], bits_list: list[int]) -> l
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
-    p.add_argument("--bits", type=int, nargs="+", default=[8, 6, 5, 4])
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 6, 5, 4], help="widths for the MLP")
+    p.add_argument("--cnn-bits", type=int, nargs="+", default=[8, 6, 4], help="widths for the CNN")
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=15, help="epochs for the MLP")
+    p.add_argument("--cnn-epochs", type=int, default=10)
+    p.add_argument("--cnn-channels", type=int, default=16)
     p.add_argument("--swa-lr", type=float, default=0.03)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     data = load_data("mnist1d")
-    print(f"{data.description}; {a.epochs} epochs, seeds 0..{a.seeds - 1}, torch {torch.__version__}, "
-          f"{a.threads} thread(s)")
+    print(f"{data.description}; seeds 0..{a.seeds - 1}, torch {torch.__version__}, {a.threads} thread(s)")
     for kind in a.models:
         t0 = time.perf_counter()
-        results = [one_seed(kind, data, s, a.bits, a.epochs, a.swa_lr) for s in range(a.seeds)]
-        print()
-        print("\n".join(table(kind, results, a.bits)))
+        bits, epochs = (a.cnn_bits, a.cnn_epochs) if kind == "cnn" else (a.bits, a.epochs)
+        results = [one_seed(kind, data, s, bits, epochs, a.swa_lr, a.cnn_channels) for s in range(a.seeds)]
+        n = sum(p.numel() for p in build(kind, data.num_features, data.num_classes, a.cnn_channels).parameters())
+        print(f"\n{kind} ({n:,} parameters), {epochs} epochs, widths {bits}")
+        print("\n".join(table(kind, results, bits)))
         print(f"{kind}: {time.perf_counter() - t0:.0f} s")
 
 
