@@ -20,7 +20,7 @@ from ._rules import (
     mean,
     sigma_rel_to_gamma,
 )
-from ._schedules import SWAAnnealLR, SWACyclicLR
+from ._schedules import FastSWALR, SWAAnnealLR, SWACyclicLR
 from .swag import SWAG, MultiSWA, MultiSWAG, SubspaceInference, bma_predict
 
 __version__ = "0.1.0"
@@ -33,6 +33,7 @@ __all__ = [
     "AveragingPolicy",
     "ConfigError",
     "Duration",
+    "FastSWALR",
     "MismatchError",
     "MultiSWA",
     "MultiSWAG",

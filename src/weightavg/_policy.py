@@ -507,7 +507,7 @@ class AveragingPolicy:
         return hook
 
     def _before_step(self, i: int) -> None:
-        self._apply_lr()
+        self._apply_lr(before_step=True)
 
     def _after_step(self, i: int) -> None:
         self._counts[i] += 1
@@ -597,8 +597,6 @@ class AveragingPolicy:
 
     def _open_window(self, steps: int, epochs: int) -> None:
         self._anchor = (steps, epochs)
-        if self._plan is not None:
-            self._start_lrs = [group_lr(g) for o in self._optimizers for g in o.param_groups]
 
     @torch.no_grad()
     def _update(self) -> None:
@@ -623,15 +621,21 @@ class AveragingPolicy:
                 raise bad_arg(plan.length_name, str(plan.length_d), "a cycle of at least one step")
         return plan
 
-    def _apply_lr(self) -> None:
+    def _apply_lr(self, *, before_step: bool = False) -> None:
         """Set the learning rate of the next step (called after events and before every step)."""
         if not self._window(self.steps + 1, self.epochs, epoch_event=False):
             return  # outside the window the learning rate is the user's
         if self._anchor is None:
             self._open_window(self.steps, self.epochs)
         plan = self._plan
-        if plan is None or self._anchor is None or self._start_lrs is None:
+        if plan is None or self._anchor is None:
             return
+        if self._start_lrs is None:
+            # the phase starts from the rate the first step of the window would use: read it right
+            # before that step, after the user's scheduler stepped (not when the window opens)
+            if not before_step:
+                return
+            self._start_lrs = [group_lr(g) for o in self._optimizers for g in o.param_groups]
         length = plan.length
         index = (self.steps - self._anchor[0]) if length.unit == "step" else (self.epochs - self._anchor[1])
         k = 0
@@ -858,7 +862,8 @@ class SWA(AveragingPolicy):
         anneal_strategy: ``'cos'`` (default) or ``'linear'``.
         anneal_steps: length of the anneal to ``swa_lr`` (default ``'10ep'``; ``0``: jump).
             Its unit sets how often the rate changes: per epoch for whole epochs, else per step.
-        cycle: cycle length for a cyclic SWA phase (fast-SWA): each cycle goes from
+        cycle: cycle length for a cyclic SWA phase (the SWA paper's cycle; fast-SWA's cosine
+            schedule is :class:`~weightavg.FastSWALR`): each cycle goes from
             ``cycle_max_lr`` (default: the rate when the window opens) down to ``swa_lr``.
         cycle_max_lr: top of each cycle; a float or one per param group.
         avg_fn: custom ``avg_fn(averaged, new, num_averaged) -> Tensor`` per tensor

@@ -22,9 +22,12 @@ from ._errors import bad_arg
 
 __all__ = [
     "ANNEAL_STRATEGIES",
+    "FastSWALR",
     "SWAAnnealLR",
     "SWACyclicLR",
     "anneal_factor",
+    "fast_swa_lr",
+    "fast_swa_update",
     "group_lr",
     "per_group",
     "swa_anneal_lr",
@@ -90,6 +93,62 @@ def swa_cyclic_lr(max_lr: float, min_lr: float, index: int, cycle_steps: int,
         raise bad_arg("cycle_steps", cycle_steps, "a positive int")
     t = ((index % cycle_steps) + 1) / cycle_steps
     return max_lr + (min_lr - max_lr) * anneal_factor(strategy, t)
+
+
+def _int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise bad_arg(name, value, f"an int ≥ {low}")
+    return value
+
+
+def _fast_swa_args(cycle_start: int, cycle_steps: int, anneal_steps: int | None) -> int:
+    _int("cycle_steps", cycle_steps, 1)
+    _int("cycle_start", cycle_start, cycle_steps)
+    length = cycle_start if anneal_steps is None else _int("anneal_steps", anneal_steps, cycle_start)
+    return length
+
+
+def fast_swa_lr(max_lr: float, index: int, *, cycle_start: int, cycle_steps: int,
+                anneal_steps: int | None = None, min_lr: float = 0.0) -> float:
+    """Learning rate of step ``index`` (0-based) of fast-SWA's schedule (Athiwaratkun et al. 2019).
+
+    .. note::
+        A cosine from the top of the schedule, then cycles that repeat its last ``c`` steps:
+        ``lr = min_lr + (max_lr − min_lr) · (1 + cos(π τ / L)) / 2`` with ``τ = index`` before
+        ``ℓ0 = cycle_start`` and ``τ = ℓ0 − c + ((index − ℓ0) mod c)`` from ``ℓ0`` on (``c =
+        cycle_steps``, ``L = anneal_steps ≥ ℓ0``, default ``ℓ0``: the reference runs use a longer
+        cosine so the cycles never reach zero). The averages are taken at the points of
+        :func:`fast_swa_update`. This is not the original SWA paper's cycle
+        (:func:`swa_cyclic_lr`, :class:`SWACyclicLR`: linear from ``max_lr`` to ``min_lr`` each cycle).
+
+    Example:
+        >>> [round(fast_swa_lr(1.0, i, cycle_start=4, cycle_steps=2), 3) for i in range(8)]
+        [1.0, 0.854, 0.5, 0.146, 0.5, 0.146, 0.5, 0.146]
+    """
+    length = _fast_swa_args(cycle_start, cycle_steps, anneal_steps)
+    _int("index", index, 0)
+    tau = index if index < cycle_start else cycle_start - cycle_steps + (index - cycle_start) % cycle_steps
+    return min_lr + (max_lr - min_lr) * (1.0 + math.cos(math.pi * tau / length)) / 2.0
+
+
+def fast_swa_update(index: int, *, cycle_start: int, cycle_steps: int, interval: int) -> bool:
+    """Whether fast-SWA averages the weights after step ``index`` (0-based).
+
+    .. note::
+        Every ``interval`` steps from step ``ℓ0 − c`` on (``ℓ0 = cycle_start``, ``c =
+        cycle_steps``): after the steps with ``index ≥ ℓ0 − c`` and
+        ``(index − ℓ0 + c) mod interval = interval − 1``. ``interval = c`` averages once per
+        cycle, at its lowest rate (SWA); ``interval < c`` several times per cycle (fast-SWA). The
+        same points as ``weightavg.SWA(swa_start=ℓ0 − c, update_interval=interval)`` in steps.
+
+    Example:
+        >>> [i for i in range(12) if fast_swa_update(i, cycle_start=6, cycle_steps=4, interval=2)]
+        [3, 5, 7, 9, 11]
+    """
+    _fast_swa_args(cycle_start, cycle_steps, None)
+    _int("interval", interval, 1)
+    first = cycle_start - cycle_steps
+    return index >= first and (index - first) % interval == interval - 1
 
 
 def per_group(name: str, value: float | Sequence[float], n_groups: int) -> list[float]:
@@ -194,7 +253,10 @@ class SWAAnnealLR(_PhaseLR):
 
 
 class SWACyclicLR(_PhaseLR):
-    """Cyclic learning rate for (fast-)SWA: each cycle decays from ``max_lr`` to ``min_lr``.
+    """Cyclic learning rate of the SWA paper (Izmailov et al. 2018): each cycle decays linearly.
+
+    Each cycle goes from ``max_lr`` to ``min_lr``. fast-SWA's schedule (a cosine from the top,
+    then cycles repeating its last segment) is :class:`FastSWALR`.
 
     Until ``start`` calls of :meth:`step` the learning rate is left alone; then cycles of
     ``cycle_steps`` steps follow, each ending at ``min_lr`` (average the weights there, or several
@@ -238,3 +300,60 @@ class SWACyclicLR(_PhaseLR):
         assert self.start_lrs is not None
         top = self.max_lrs[group_index] if self.max_lrs is not None else self.start_lrs[group_index]
         return swa_cyclic_lr(top, self.min_lrs[group_index], index, self.cycle_steps, self.strategy)
+
+
+class FastSWALR(LRScheduler):
+    """fast-SWA's learning-rate schedule as an ordinary scheduler (Athiwaratkun et al. 2019).
+
+    A cosine from each group's initial rate (or ``max_lr``) over ``anneal_steps``; from step
+    ``cycle_start`` on, cycles that repeat the cosine's segment ``[cycle_start − cycle_steps,
+    cycle_start)`` (:func:`fast_swa_lr`). Step it once per optimizer step (or once per epoch, with
+    every length in epochs). Average the weights at the points of :func:`fast_swa_update`, e.g.
+    with ``weightavg.SWA(swa_start=cycle_start − cycle_steps, update_interval=k)`` and no
+    ``swa_lr`` (the policy then leaves the rate to this scheduler). :class:`SWACyclicLR` is the
+    original SWA paper's cycle instead.
+
+    Args:
+        optimizer: the optimizer.
+        cycle_start: ``ℓ0``, the step at which the cycles begin (≥ ``cycle_steps``).
+        cycle_steps: ``c``, the length of a cycle.
+        anneal_steps: ``L ≥ ℓ0``, the length of the cosine (default ``cycle_start``).
+        max_lr: the top of the schedule, a float or one per param group (default: each group's
+            initial learning rate).
+        min_lr: the bottom of the cosine, a float or one per param group.
+        last_epoch: as in every torch scheduler (-1 to start fresh).
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1.0)
+        >>> sched = FastSWALR(opt, cycle_start=4, cycle_steps=2)
+        >>> lrs = []
+        >>> for _ in range(6):
+        ...     lrs.append(round(opt.param_groups[0]["lr"], 3)); opt.step(); sched.step()
+        >>> lrs
+        [1.0, 0.854, 0.5, 0.146, 0.5, 0.146]
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        cycle_start: int,
+        cycle_steps: int,
+        anneal_steps: int | None = None,
+        max_lr: float | Sequence[float] | None = None,
+        min_lr: float | Sequence[float] = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        _fast_swa_args(cycle_start, cycle_steps, anneal_steps)
+        n = len(optimizer.param_groups)
+        self.cycle_start, self.cycle_steps, self.anneal_steps = cycle_start, cycle_steps, anneal_steps
+        self.max_lrs = None if max_lr is None else per_group("max_lr", max_lr, n)
+        self.min_lrs = per_group("min_lr", min_lr, n)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        tops = self.max_lrs if self.max_lrs is not None else [float(b) for b in self.base_lrs]
+        return [fast_swa_lr(top, max(0, self.last_epoch), cycle_start=self.cycle_start,
+                            cycle_steps=self.cycle_steps, anneal_steps=self.anneal_steps, min_lr=low)
+                for top, low in zip(tops, self.min_lrs, strict=True)]
