@@ -93,7 +93,10 @@ class Duration:
                                       "(e.g. '1ep', '5ba', '0.7dur', '100sp', '2000tok')")
         # one float() of the whole literal: '1e400' becomes inf (refused below) instead of raising
         # OverflowError, and '1e-400' becomes 0 without an intermediate 10.0**-400
-        value = float(m.group(1) + (f"e{m.group(2)}" if m.group(2) else ""))
+        # and a plain integer stays exact (float would round counts above 2**53)
+        number, exponent = m.group(1), m.group(2)
+        value: float = int(number) if number.isdigit() and not exponent else float(
+            number + (f"e{exponent}" if exponent else ""))
         try:
             return cls(value, _UNITS[m.group(3)])
         except ConfigError as err:
