@@ -318,12 +318,19 @@ def _run_tests(pkg_parent: Path, tests: list[str], timeout: float, quiet: bool =
         time.sleep(0.05)
 
 
+_SNAPSHOT: list[Path] = []  # the package as it was when the run started (edits during a run don't leak in)
+
+
 @contextlib.contextmanager
 def _with_source(module: str, source: str) -> Iterator[Path]:
     """A temporary copy of the package with ``module`` replaced by ``source``; yields its parent."""
+    if not _SNAPSHOT:
+        snap = Path(tempfile.mkdtemp(prefix="weightavg-snapshot-"))
+        shutil.copytree(PKG, snap / "weightavg", ignore=shutil.ignore_patterns("__pycache__"))
+        _SNAPSHOT.append(snap)
     tmp = Path(tempfile.mkdtemp(prefix="weightavg-mutant-"))
     try:
-        shutil.copytree(PKG, tmp / "weightavg", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(_SNAPSHOT[0] / "weightavg", tmp / "weightavg")
         (tmp / "weightavg" / module).write_text(source)
         yield tmp
     finally:
@@ -332,7 +339,9 @@ def _with_source(module: str, source: str) -> Iterator[Path]:
 
 def run_target(name: str, target: Target, *, only: list[int] | None, timeout_factor: float,
                min_timeout: float, list_only: bool) -> dict:
-    source = (PKG / target.module).read_text()
+    with _with_source(target.module, (PKG / target.module).read_text()):
+        pass  # takes the snapshot
+    source = (_SNAPSHOT[0] / "weightavg" / target.module).read_text()
     mutants = enumerate_mutants(source, target.functions)
     tests = [t for t in target.tests if (ROOT / t).exists()]
     print(f"== {name}: {target.module}, {len(mutants)} mutants; tests: {' '.join(tests)}", flush=True)
@@ -403,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {r['target']:10s} {r['score']:5.1f} %  ({len(r['survived'])} survivors of {r['mutants']})")
     if args.json:
         args.json.write_text(json.dumps(reports, indent=1))
+    for snap in _SNAPSHOT:
+        shutil.rmtree(snap, ignore_errors=True)
     return 0
 
 
