@@ -158,7 +158,7 @@ def test_parse_keeps_a_duration_and_counts_plain_ints_in_int_unit() -> None:
         Duration.parse(False, name="start")
     with pytest.raises(ConfigError, match=r"start=2\.0 is invalid: expected a duration"):
         Duration.parse(2.0, name="start")
-    with pytest.raises(ConfigError, match=r"start='1\.5dur' is invalid: expected a fraction in \[0, 1\] for unit 'dur'\.$"):
+    with pytest.raises(ConfigError, match=r"start='1\.5dur' is invalid: expected a fraction in \[0, 1\] for unit 'dur'\.$"):  # noqa: E501
         Duration.parse("1.5dur", name="start")
     with pytest.raises(ConfigError, match=r"start='5xx' is invalid: expected <number><unit>"):
         Duration.parse("5xx", name="start")

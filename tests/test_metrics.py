@@ -201,11 +201,11 @@ def test_row_sum_tolerance() -> None:
 
 
 def _slow_mass_ece(conf: list[float], correct: list[float], num_bins: int) -> float:
-    """Independent reference: sort by confidence, cut at floor(i·B/N); a run of ties joins the bin of its last member."""
+    """Independent reference: sort by confidence, cut at floor(i·B/N); ties join the bin of their last member."""
     n = len(conf)
     order = sorted(range(n), key=lambda i: conf[i])
     bins: dict[int, list[int]] = {}
-    for pos, i in enumerate(order):
+    for i in order:
         last = max(p for p, j in enumerate(order) if conf[j] == conf[i])
         bins.setdefault(last * num_bins // n, []).append(i)
     total = 0.0
