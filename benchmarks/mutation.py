@@ -52,13 +52,13 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {
-    "rules": Target("_rules.py", ("tests/test_rules.py", "tests/test_engine.py", "tests/test_policy.py")),
+    "rules": Target("_rules.py", ("tests/test_rules.py", "tests/test_engine_rules.py", "tests/test_engine.py")),
     "duration": Target("_duration.py", ("tests/test_duration.py", "tests/test_policy.py")),
     "metrics": Target("metrics.py", ("tests/test_metrics.py", "tests/test_swag_bma.py")),
     "schedules": Target("_schedules.py", ("tests/test_schedules.py", "tests/test_policy.py",
-                                          "tests/test_swa_utils.py", "tests/test_policy_examples.py")),
-    "bn": Target("_bn.py", ("tests/test_bn.py", "tests/test_swa_utils.py", "tests/test_policy.py")),
-    "engine": Target("_engine.py", ("tests/test_engine.py", "tests/test_swag.py", "tests/test_swa_utils.py"),
+                                          "tests/test_swa_utils.py")),
+    "bn": Target("_bn.py", ("tests/test_bn_checks.py", "tests/test_bn.py", "tests/test_swa_utils.py")),
+    "engine": Target("_engine.py", ("tests/test_engine_rules.py", "tests/test_engine.py", "tests/test_swag.py"),
                      ("update", "_plan", "_update_group", "_run", "_check", "_gather", "_total")),
 }
 

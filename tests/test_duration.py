@@ -120,6 +120,10 @@ def test_to_steps_rounds_epochs_and_fractions() -> None:
     assert Duration.parse("0dur").to_steps(total_steps=17) == 0
     assert type(Duration.parse("0.5ep").to_steps(steps_per_epoch=7)) is int
     assert Duration.parse("4ba").to_steps(steps_per_epoch=0, total_steps=0) == 4  # batches need nothing
+    # a count of 1 is a count
+    assert Duration.parse("3ep").to_steps(steps_per_epoch=1) == 3
+    assert Duration.parse("5sp").to_steps(samples_per_step=1) == 5
+    assert Duration.parse("1dur").to_steps(total_steps=1) == 1
 
 
 @pytest.mark.parametrize(("text", "kwargs", "arg"), [
@@ -152,8 +156,9 @@ def test_parse_keeps_a_duration_and_counts_plain_ints_in_int_unit() -> None:
     assert Duration.parse(d) is d
     assert Duration.parse(7, int_unit="ep") == Duration(7, "ep")
     assert Duration.parse(0) == Duration(0, "ba")
-    with pytest.raises(ConfigError, match=r"start=-2 is invalid: expected a non-negative int"):
-        Duration.parse(-2, name="start")
+    for bad in (-1, -2):
+        with pytest.raises(ConfigError, match=rf"start={bad} is invalid: expected a non-negative int"):
+            Duration.parse(bad, name="start")
     with pytest.raises(ConfigError, match=r"start=False is invalid: expected a duration"):
         Duration.parse(False, name="start")
     with pytest.raises(ConfigError, match=r"start=2\.0 is invalid: expected a duration"):

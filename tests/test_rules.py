@@ -357,6 +357,7 @@ def test_custom_weight_is_checked_and_called_with_num_averaged() -> None:
     assert r.weight(UpdateInfo(3, 4, 1)) == 0.25 and calls == [3]
     assert wa.custom(lambda n: 0.0).weight(UpdateInfo(1, 2, 1)) == 0.0
     assert wa.custom(lambda n: 1.0).weight(UpdateInfo(1, 2, 1)) == 1.0
+    assert r.power == 1
     for bad in (1.5, -0.1, math.nan):
         with pytest.raises(wa.ConfigError, match=r"weight_fn\(num_averaged\)=.* is invalid: expected a weight"):
             wa.custom(lambda n, bad=bad: bad).weight(UpdateInfo(1, 2, 1))

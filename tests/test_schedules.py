@@ -213,3 +213,30 @@ def test_policy_anneal_phase_literal_values_per_group() -> None:
     # cos anneal over 2 steps: start, midpoint (start + end)/2, end
     assert got == [pytest.approx(r) for r in
                    ([0.1, 0.3], [0.1, 0.3], [0.06, 0.2], [0.02, 0.1], [0.02, 0.1])]
+
+
+# ----------------------------------------------------------------------------- the closed-form helpers
+# (module-level functions the policies use; documented contracts, checked with literal numbers)
+
+
+def test_anneal_factor_clamps_and_names() -> None:
+    from weightavg._schedules import anneal_factor
+
+    assert anneal_factor("linear", -0.5) == 0.0 and anneal_factor("linear", 1.5) == 1.0
+    assert anneal_factor("cos", -1.0) == 0.0 and anneal_factor("cos", 2.0) == 1.0
+    assert anneal_factor("cos", 0.5) == pytest.approx(0.5) and anneal_factor("cos", 0.25) == pytest.approx(
+        (1 - 2**-0.5) / 2)
+    with pytest.raises(wa.ConfigError, match=r"anneal_strategy='step' is invalid: expected 'cos' or 'linear'"):
+        anneal_factor("step", 0.5)
+
+
+def test_swa_cyclic_lr_rejects_an_empty_cycle() -> None:
+    from weightavg._schedules import swa_anneal_lr, swa_cyclic_lr
+
+    for bad in (0, -1):
+        with pytest.raises(wa.ConfigError, match=rf"cycle_steps={bad} is invalid: expected a positive int"):
+            swa_cyclic_lr(0.1, 0.0, 0, bad)
+    assert swa_cyclic_lr(0.1, 0.02, 5, 1) == pytest.approx(0.02)  # a 1-step cycle sits at its minimum
+    assert swa_anneal_lr(0.1, 0.02, 0, 0) == pytest.approx(0.02)  # no anneal: the SWA rate at once
+    assert swa_anneal_lr(0.1, 0.02, 0, 1) == pytest.approx(0.1)
+    assert swa_anneal_lr(0.1, 0.02, 7, 2, "linear") == pytest.approx(0.02)
