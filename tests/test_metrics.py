@@ -259,3 +259,42 @@ def test_mass_ece_is_independent_of_row_order_with_ties(n: int, c: int, levels: 
         assert torch.equal(rel.count, base.count) and torch.equal(rel.edges, base.edges)
         assert rel.ece == pytest.approx(base.ece, abs=1e-12)
         assert rel.accuracy.tolist() == pytest.approx(base.accuracy.tolist(), abs=1e-12)
+
+
+def test_errors_list_the_first_five_offenders() -> None:
+    probs = torch.full((8, 3), 1 / 3, dtype=torch.float64)
+    labels = torch.tensor([3, 4, -1, 5, 6, 7, 0, 8])
+    with pytest.raises(wa.ConfigError, match=r"labels=\[3, 4, -1, 5, 6\] is invalid"):
+        metrics.accuracy(probs, labels)
+    bad = probs.clone()
+    bad[[0, 1, 2, 4, 5, 6, 7], 0] = 2.0
+    with pytest.raises(wa.ConfigError, match=r"probs='rows \[0, 1, 2, 4, 5\] with entries outside"):
+        metrics.accuracy(bad, torch.zeros(8, dtype=torch.long))
+
+
+def test_rows_listed_are_exactly_those_out_of_range() -> None:
+    probs = torch.tensor([[1.2, 0.0, 0.0],     # above 1
+                          [-0.2, 0.6, 0.6],    # negative (sums to 1)
+                          [math.nan, 0.5, 0.5],
+                          [1.0, 0.0, 0.0],     # fine: 0 and 1 are probabilities
+                          [0.5, 0.25, 0.25]], dtype=torch.float64)
+    with pytest.raises(wa.ConfigError, match=r"probs='rows \[0, 1, 2\] with entries outside \[0, 1\] or not finite'"):
+        metrics.nll(probs, torch.zeros(5, dtype=torch.long))
+    assert metrics.accuracy(probs[3:], torch.tensor([0, 0])) == 1.0
+
+
+def test_row_sum_tolerance_is_inclusive() -> None:
+    # bfloat16: tol = 4·2^-7 = 0.03125 exactly; a row summing to 1.03125 is accepted, 1.0390625 is not
+    labels = torch.tensor([0, 0])
+    ok = torch.tensor([[0.5, 0.53125], [0.5, 0.5]], dtype=torch.bfloat16)
+    assert metrics.accuracy(ok, labels) == 0.5
+    bad = torch.tensor([[0.5, 0.5390625], [0.5, 0.5]], dtype=torch.bfloat16)
+    with pytest.raises(wa.ConfigError, match=r"row 0 summing to 1\.039"):
+        metrics.accuracy(bad, labels)
+
+
+def test_one_bin_is_allowed() -> None:
+    for binning in ("width", "mass"):
+        rel = metrics.reliability(PROBS, LABELS, num_bins=1, binning=binning)
+        assert rel.count.tolist() == [4.0]
+        assert rel.ece == pytest.approx(abs(0.75 - (0.7 + 0.6 + 0.5 + 0.9) / 4))

@@ -126,10 +126,11 @@ def reliability(
         # so ties share a bin and the binning is independent of the row order
         last = torch.searchsorted(sorted_conf, conf, right=True) - 1
         idx = last * num_bins // n
-        # edges[b] = largest confidence in bins < b: the sorted position just before bin b starts
+        # edges[b] = largest confidence in bins < b = the below[b]-th smallest (0 when there is none)
         below = torch.bincount(idx, minlength=num_bins).cumsum(0)[:-1]  # samples in bins 0..b-1
-        cuts = torch.where(below > 0, sorted_conf[(below - 1).clamp_min(0)], torch.zeros((), dtype=conf.dtype))
-        edges = torch.cat([torch.zeros(1, dtype=torch.float64), cuts, torch.ones(1, dtype=torch.float64)])
+        kth_smallest = torch.cat([torch.zeros(1, dtype=torch.float64), sorted_conf])  # [0] = none
+        edges = torch.cat([torch.zeros(1, dtype=torch.float64), kth_smallest[below],
+                           torch.ones(1, dtype=torch.float64)])
     count = torch.bincount(idx, minlength=num_bins).double()
     sconf = torch.bincount(idx, weights=conf, minlength=num_bins)
     sacc = torch.bincount(idx, weights=correct, minlength=num_bins)
