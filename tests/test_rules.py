@@ -377,3 +377,13 @@ def test_inplace_weight_is_copy_then_nan() -> None:
     assert r.weight(UpdateInfo(0, 1, 1)) == 1.0
     assert math.isnan(r.weight(UpdateInfo(1, 2, 1)))
     assert r.power == 1
+
+
+def test_sigma_rel_near_the_supremum_finds_the_right_branch() -> None:
+    # just below φ^(−5/2) both roots crowd around γ*: the one returned must be the larger (γ ≥ γ*)
+    g_star = GOLDEN - 2
+    for k in range(1, 200):
+        sr = SIGMA_MAX * (1 - (k / 200) ** 3 * 0.1)  # dense near the top
+        g = wa.sigma_rel_to_gamma(sr)
+        assert g >= g_star - 1e-7, (sr, g)
+        assert sigma_rel(g) == pytest.approx(sr, rel=1e-7)
