@@ -91,9 +91,9 @@ class Duration:
         if not m or m.group(3) not in _UNITS:
             raise bad_arg(name, text, "<number><unit> with unit one of ep, ba, sp, tok, dur "
                                       "(e.g. '1ep', '5ba', '0.7dur', '100sp', '2000tok')")
-        # one float() of the whole literal: '1e400' becomes inf (refused below) instead of raising
-        # OverflowError, and '1e-400' becomes 0 without an intermediate 10.0**-400
-        # and a plain integer stays exact (float would round counts above 2**53)
+        # a plain integer stays exact (float() would round counts above 2**53); anything else is one
+        # float() of the whole literal: '1e400' becomes inf (refused by __post_init__) instead of
+        # raising OverflowError, and '1e-400' becomes 0
         number, exponent = m.group(1), m.group(2)
         value: float = int(number) if number.isdigit() and not exponent else float(
             number + (f"e{exponent}" if exponent else ""))

@@ -34,10 +34,11 @@ def _check(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         raise bad_arg("labels", getattr(labels, "shape", type(labels).__name__), f"a ({probs.shape[0]},) tensor")
     if probs.shape[0] == 0:
         raise bad_arg("probs", tuple(probs.shape), "at least one row")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex() or (
-            labels.min() < 0 or labels.max() >= probs.shape[1]):
-        bad = labels[(labels < 0) | (labels >= probs.shape[1])][:5].tolist() or str(labels.dtype)
-        raise bad_arg("labels", bad, f"integer class indices in [0, {probs.shape[1] - 1}]")
+    expected = f"integer class indices in [0, {probs.shape[1] - 1}]"
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise bad_arg("labels", str(labels.dtype), expected)
+    if labels.min() < 0 or labels.max() >= probs.shape[1]:
+        raise bad_arg("labels", labels[(labels < 0) | (labels >= probs.shape[1])][:5].tolist(), expected)
     if not probs.dtype.is_floating_point:
         raise bad_arg("probs", str(probs.dtype), "a floating-point tensor of probabilities")
     p = probs.detach().double()
