@@ -149,7 +149,7 @@ def test_negative_label_raises() -> None:
 @pytest.mark.parametrize("labels", [torch.tensor([0.0, 1.0, 1.0]), torch.tensor([True, False, True]),
                                     torch.tensor([0j, 1j, 1j])])
 def test_non_integer_labels_raise(labels: torch.Tensor) -> None:
-    with pytest.raises(wa.ConfigError, match=r"labels=.* is invalid: expected integer class indices"):
+    with pytest.raises(wa.ConfigError, match=rf"labels='{labels.dtype}' is invalid: expected integer class indices"):
         metrics.nll(torch.full((3, 2), 0.5), labels)
 
 
