@@ -22,6 +22,9 @@ _RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?\s*([a-z]+)\s*$")
 
 DurationLike = Union["Duration", str, int]
 
+#: the largest value a Duration may hold in any unit: step counters are int64.
+MAX_VALUE = 2**63 - 1
+
 
 @dataclass(frozen=True, order=False)
 class Duration:
@@ -29,7 +32,12 @@ class Duration:
 
     ``unit`` is ``"ep"`` (epochs), ``"ba"`` (batches = optimizer steps), ``"sp"`` (samples),
     ``"tok"`` (tokens) or ``"dur"`` (fraction of the whole run, in [0, 1]). Integer units hold
-    whole numbers; ``"ep"`` may be fractional (``'0.5ep'``).
+    whole numbers; ``"ep"`` may be fractional (``'0.5ep'``). Every value is finite, non-negative and
+    at most ``2**63 - 1``; building one directly validates as :meth:`parse` does.
+
+    Raises:
+        ConfigError: an unknown unit, or a value that is negative, NaN, infinite, above ``2**63 - 1``,
+            above 1 for ``"dur"``, or fractional for ``"ba"``/``"sp"``/``"tok"``.
 
     Example:
         >>> Duration.parse("5ba")
@@ -47,10 +55,12 @@ class Duration:
         v = self.value
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != v:
             raise bad_arg("value", v, "a non-negative number")
+        if v > MAX_VALUE:  # also catches inf; a huge int never reaches float() (OverflowError)
+            raise bad_arg("value", v, f"a finite number at most {MAX_VALUE} (2**63 - 1, the largest step count)")
         if self.unit == "dur" and v > 1:
             raise bad_arg("value", v, "a fraction in [0, 1] for unit 'dur'")
         if self.unit in ("ba", "sp", "tok"):
-            if float(v) != int(v):
+            if isinstance(v, float) and not v.is_integer():
                 raise bad_arg("value", v, f"a whole number of {self.unit}")
             object.__setattr__(self, "value", int(v))
 
@@ -64,7 +74,8 @@ class Duration:
             int_unit: unit of a plain int.
 
         Raises:
-            ConfigError: unknown unit, malformed number, negative value, 'dur' above 1.
+            ConfigError: unknown unit, malformed number, negative, non-finite or absurd value
+                (above ``2**63 - 1``), 'dur' above 1, a fractional count of an integer unit.
         """
         if isinstance(text, Duration):
             return text
@@ -80,7 +91,12 @@ class Duration:
         if not m or m.group(3) not in _UNITS:
             raise bad_arg(name, text, "<number><unit> with unit one of ep, ba, sp, tok, dur "
                                       "(e.g. '1ep', '5ba', '0.7dur', '100sp', '2000tok')")
-        value = float(m.group(1)) * (10.0 ** int(m.group(2)) if m.group(2) else 1.0)
+        # a plain integer stays exact (float() would round counts above 2**53); anything else is one
+        # float() of the whole literal: '1e400' becomes inf (refused by __post_init__) instead of
+        # raising OverflowError, and '1e-400' becomes 0
+        number, exponent = m.group(1), m.group(2)
+        value: float = int(number) if number.isdigit() and not exponent else float(
+            number + (f"e{exponent}" if exponent else ""))
         try:
             return cls(value, _UNITS[m.group(3)])
         except ConfigError as err:

@@ -101,7 +101,9 @@ def mean(*, power: int = 1) -> Rule:
         >>> import torch, weightavg
         >>> m = torch.nn.Linear(2, 1)
         >>> avg = weightavg.Averager(m, rule=weightavg.mean())
-        >>> avg.update(m); avg.num_updates
+        >>> avg.update(m)  # True: the update was applied
+        True
+        >>> avg.num_updates
         1
     """
     if power not in (1, 2):
@@ -250,18 +252,40 @@ def ema_warmup(
     return _EmaWarmup(float(inv_gamma), float(power), float(max_decay), float(min_decay), start_step)
 
 
+#: γ* = (√5 − 3)/2 ≈ −0.382 maximises σ_rel(γ); the maximum is σ_rel(γ*) = φ^(−5/2) ≈ 0.30028 (φ the golden ratio).
+_GAMMA_AT_MAX_SIGMA = (5**0.5 - 3) / 2
+#: the largest relative std a power-function EMA can have: φ^(−5/2).
+MAX_SIGMA_REL = ((1 + 5**0.5) / 2) ** -2.5
+
+
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """Exponent γ of the power-function EMA whose relative std is ``sigma_rel`` (Karras et al. 2024).
 
-    Solves ``σ_rel² = (γ+1) / ((γ+2)² (γ+3))`` for the largest real γ (decreasing in γ).
+    Solves ``σ_rel² = (γ+1) / ((γ+2)² (γ+3))`` for the largest real γ. The right-hand side rises
+    from 0 at γ = −1 to its maximum ``φ^(−5/2) ≈ 0.30028`` at ``γ* = (√5 − 3)/2 ≈ −0.382`` (where
+    ``d/dγ log σ_rel² = 1/(γ+1) − 2/(γ+2) − 1/(γ+3)`` vanishes, i.e. ``(γ+2)² = (γ+2) + 1``) and then
+    falls to 0, so ``sigma_rel`` must lie in ``(0, φ^(−5/2)]`` and the root returned is ≥ γ*.
+
+    Returns:
+        γ (> −1): the exponent to pass to :func:`karras_ema` as ``gamma``.
+
+    Raises:
+        ConfigError: ``sigma_rel`` is not a number in ``(0, φ^(−5/2) ≈ 0.30028]``.
+
+    Example:
+        >>> round(sigma_rel_to_gamma(0.10), 2)
+        6.94
     """
-    if not (isinstance(sigma_rel, (int, float)) and 0 < sigma_rel < (2 / 12) ** 0.5 - 1e-12):
-        raise bad_arg("sigma_rel", sigma_rel, "a number in (0, 0.408)")
+    if (isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float))
+            or not 0 < sigma_rel <= MAX_SIGMA_REL):
+        raise bad_arg("sigma_rel", sigma_rel, f"a number in (0, {MAX_SIGMA_REL:.5f}] (the largest relative "
+                                              "std of a power-function EMA, φ^(-5/2))")
 
     def f(g: float) -> float:
         return (g + 1) / ((g + 2) ** 2 * (g + 3)) - sigma_rel**2
 
-    lo, hi = -1.0 + 1e-12, 1.0
+    # f(γ*) ≥ 0 and f decreases on [γ*, ∞): bisect there for the largest root
+    lo, hi = _GAMMA_AT_MAX_SIGMA, 1.0
     while f(hi) > 0:
         hi *= 2.0
     for _ in range(200):
@@ -300,15 +324,23 @@ def karras_ema(*, gamma: float | None = None, sigma_rel: float | None = None) ->
     .. note::
         ``β = (t_prev / t)^(γ+1)`` where ``t`` is this update's step and ``t_prev`` the previous
         update's step, so updating every k steps still follows the τ^γ profile (a per-update
-        ``(1 − 1/t)^(γ+1)`` would not). Give ``gamma`` (> −1) or ``sigma_rel``.
+        ``(1 − 1/t)^(γ+1)`` would not). Give ``gamma`` (> −1) or ``sigma_rel``
+        (in ``(0, φ^(−5/2) ≈ 0.30028]``, see :func:`sigma_rel_to_gamma`). ``gamma=0`` is the equal mean.
+
+    Raises:
+        ConfigError: neither or both of ``gamma``/``sigma_rel``; ``gamma`` not a finite number > −1
+            (at γ = −1 every β is 1 and the average never moves past its first snapshot);
+            ``sigma_rel`` out of range.
     """
     if (gamma is None) == (sigma_rel is None):
         raise bad_arg("gamma/sigma_rel", (gamma, sigma_rel), "exactly one of them")
     if sigma_rel is not None:
         gamma = sigma_rel_to_gamma(sigma_rel)
     assert gamma is not None
-    if not (isinstance(gamma, (int, float)) and gamma > -1 and math.isfinite(gamma)):
-        raise bad_arg("gamma", gamma, "a finite number > -1")
+    if isinstance(gamma, bool) or not (isinstance(gamma, (int, float)) and gamma > -1 and math.isfinite(gamma)):
+        # γ = −1 gives β = (t_prev/t)^0 = 1: the average would never move past its first snapshot;
+        # γ < −1 gives β > 1 (extrapolation). The profile τ^γ is integrable on [0, t] only for γ > −1.
+        raise bad_arg("gamma", gamma, "a finite number > -1 (at gamma=-1 the average never moves)")
     return _Karras(float(gamma))
 
 

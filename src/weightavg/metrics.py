@@ -1,6 +1,17 @@
 """Calibration and accuracy metrics on predicted class probabilities (plain torch, no sklearn).
 
-All functions take ``probs`` of shape (N, C) (rows sum to 1) and integer ``labels`` of shape (N,).
+All functions take ``probs`` of shape (N, C) and integer ``labels`` of shape (N,). Every entry of
+``probs`` must be a finite number in [0, 1] and every row must sum to 1 within
+``max(1e-3, 4·eps)`` (``eps`` of the tensor's dtype: 1e-3 for float32/float64, about 0.004 for
+float16 and 0.03 for bfloat16); logits or unnormalised scores raise :class:`ConfigError`.
+
+Example:
+    >>> import torch
+    >>> from weightavg import metrics
+    >>> probs = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])
+    >>> labels = torch.tensor([0, 1, 1])
+    >>> round(metrics.accuracy(probs, labels), 4), round(metrics.ece(probs, labels, num_bins=2), 4)
+    (0.6667, 0.0667)
 """
 
 from __future__ import annotations
@@ -23,10 +34,25 @@ def _check(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         raise bad_arg("labels", getattr(labels, "shape", type(labels).__name__), f"a ({probs.shape[0]},) tensor")
     if probs.shape[0] == 0:
         raise bad_arg("probs", tuple(probs.shape), "at least one row")
-    if labels.dtype.is_floating_point or labels.min() < 0 or labels.max() >= probs.shape[1]:
-        bad = labels[(labels < 0) | (labels >= probs.shape[1])][:5].tolist() or str(labels.dtype)
-        raise bad_arg("labels", bad, f"integer class indices in [0, {probs.shape[1] - 1}]")
-    return probs.detach().double(), labels.detach().long()
+    expected = f"integer class indices in [0, {probs.shape[1] - 1}]"
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise bad_arg("labels", str(labels.dtype), expected)
+    if labels.min() < 0 or labels.max() >= probs.shape[1]:
+        raise bad_arg("labels", labels[(labels < 0) | (labels >= probs.shape[1])][:5].tolist(), expected)
+    if not probs.dtype.is_floating_point:
+        raise bad_arg("probs", str(probs.dtype), "a floating-point tensor of probabilities")
+    p = probs.detach().double()
+    if not bool(((p >= 0) & (p <= 1)).all()):  # also False for NaN
+        bad_rows = (~((p >= 0) & (p <= 1))).any(1).nonzero().flatten()[:5].tolist()
+        raise bad_arg("probs", f"rows {bad_rows} with entries outside [0, 1] or not finite",
+                      "probabilities in [0, 1] (apply softmax to logits first)")
+    tol = max(1e-3, 4 * torch.finfo(probs.dtype).eps)
+    err = (p.sum(1) - 1).abs()
+    if bool((err > tol).any()):
+        i = int(err.argmax())
+        raise bad_arg("probs", f"row {i} summing to {float(p[i].sum()):.6g}",
+                      f"rows summing to 1 within {tol:.3g} (apply softmax to logits first)")
+    return p, labels.detach().long()
 
 
 def accuracy(probs: Tensor, labels: Tensor) -> float:
@@ -71,8 +97,18 @@ def reliability(
 
     ``binning="width"``: equal-width bins on (0, 1], bin ``b`` holds ``edges[b] < conf <= edges[b+1]``
     (a confidence exactly on an edge goes to the lower bin; 0 goes to the first). ``"mass"``: bins
-    holding (nearly) equal numbers of samples, split by sorted confidence (sorted position ``i``
-    goes to bin ``floor(i·B/N)``; ``edges[b]`` is the largest confidence of bin ``b−1``).
+    holding (nearly) equal numbers of samples, split by sorted confidence: sorted position ``i``
+    goes to bin ``floor(i·B/N)``, except that equal confidences are never split: a run of ties goes
+    whole to the bin of its last sorted position (so the result does not depend on the order of
+    the rows, and bins may hold unequal counts when confidences tie). ``edges[b]`` is the largest
+    confidence in bins ``0..b−1`` (0 if they are empty), so bin ``b`` holds
+    ``edges[b] < conf <= edges[b+1]`` exactly, as for width bins.
+
+    Returns:
+        A :class:`Reliability` with ``num_bins`` bins.
+
+    Raises:
+        ConfigError: bad ``num_bins``/``binning``, or bad ``probs``/``labels`` (see the module).
     """
     if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
         raise bad_arg("num_bins", num_bins, "a positive int")
@@ -86,14 +122,16 @@ def reliability(
         edges = torch.linspace(0.0, 1.0, num_bins + 1, dtype=torch.float64)
         idx = torch.bucketize(conf, edges[1:-1], right=False)  # edges[b] < c <= edges[b+1]
     else:
-        order = conf.argsort()
-        idx = torch.empty(n, dtype=torch.long)
-        idx[order] = torch.arange(n) * num_bins // n
-        sorted_conf = conf[order]
-        # edge b is the largest confidence of bin b-1 (its last sorted position is ceil(b·n/B) - 1),
-        # so that bin b holds edges[b] < conf <= edges[b+1] as for width bins (up to ties)
-        cuts = [sorted_conf[-(-b * n // num_bins) - 1] for b in range(1, num_bins)]
-        edges = torch.tensor([0.0, *[float(c) for c in cuts], 1.0], dtype=torch.float64)
+        sorted_conf = conf.sort().values
+        # the last sorted position holding each sample's confidence: a function of the value only,
+        # so ties share a bin and the binning is independent of the row order
+        last = torch.searchsorted(sorted_conf, conf, right=True) - 1
+        idx = last * num_bins // n
+        # edges[b] = largest confidence in bins < b = the below[b]-th smallest (0 when there is none)
+        below = torch.bincount(idx, minlength=num_bins).cumsum(0)[:-1]  # samples in bins 0..b-1
+        kth_smallest = torch.cat([torch.zeros(1, dtype=torch.float64), sorted_conf])  # [0] = none
+        edges = torch.cat([torch.zeros(1, dtype=torch.float64), kth_smallest[below],
+                           torch.ones(1, dtype=torch.float64)])
     count = torch.bincount(idx, minlength=num_bins).double()
     sconf = torch.bincount(idx, weights=conf, minlength=num_bins)
     sacc = torch.bincount(idx, weights=correct, minlength=num_bins)
@@ -104,5 +142,11 @@ def reliability(
 def ece(
     probs: Tensor, labels: Tensor, *, num_bins: int = 15, binning: Literal["width", "mass"] = "width"
 ) -> float:
-    """Expected calibration error: Σ_b (n_b/N)·|acc_b − conf_b| over confidence bins."""
+    """Expected calibration error: Σ_b (n_b/N)·|acc_b − conf_b| over confidence bins.
+
+    Bins as in :func:`reliability` (15 equal-width bins by default).
+
+    Raises:
+        ConfigError: bad ``num_bins``/``binning``, or bad ``probs``/``labels`` (see the module).
+    """
     return reliability(probs, labels, num_bins=num_bins, binning=binning).ece

@@ -1,0 +1,194 @@
+"""recompute_bn's contracts through the public API (issue #17 gaps 6, 10): restore on error, the
+returned sample count, the device move, unreached layers, InstanceNorm, argument checks."""
+
+from __future__ import annotations
+
+import copy
+from collections import namedtuple
+
+import pytest
+import torch
+from torch import nn
+
+import weightavg as wa
+
+
+class Net(nn.Module):
+    def __init__(self, norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.inp = nn.Conv1d(2, 3, 3, padding=1)
+        self.norm = norm if norm is not None else nn.BatchNorm1d(3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.head(torch.relu(self.norm(self.inp(x) * scale)).mean(-1))
+
+
+def data(sizes: list[int], seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 2, 6, generator=g) * 2 + 1 for n in sizes]
+
+
+def test_every_statistic_is_restored_when_the_forward_raises() -> None:
+    net = Net()
+    wa.recompute_bn(net, data([4]))  # non-trivial statistics and a non-zero counter
+    before = {k: v.clone() for k, v in net.norm.state_dict().items()}
+    assert int(before["num_batches_tracked"]) > 0 or before["running_var"].ne(1).any()
+    calls = []
+
+    def fails_on_second(model: nn.Module, batch: torch.Tensor) -> None:
+        calls.append(1)
+        model(batch * 5 + 3)  # moves every statistic
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        wa.recompute_bn(net, data([3, 3, 3]), forward_fn=fails_on_second)
+    after = net.norm.state_dict()
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(after[k], before[k]), k
+
+
+def test_modes_restored_when_the_forward_raises() -> None:
+    net = Net()
+    net.train()
+    net.head.eval()
+
+    def boom(model: nn.Module, batch: torch.Tensor) -> None:
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        wa.recompute_bn(net, data([2]), forward_fn=boom)
+    assert net.training and net.norm.training and net.inp.training and not net.head.training
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "namedtuple", "dict", "tensor"])
+def test_returned_count_is_the_number_of_samples(kind: str) -> None:
+    xs = data([5, 7, 1])
+    pair = namedtuple("pair", "x y")
+    make = {
+        "tuple": lambda x: (x, torch.zeros(len(x))),
+        "list": lambda x: [x, torch.zeros(len(x))],
+        "namedtuple": lambda x: pair(x, torch.zeros(len(x))),
+        "dict": lambda x: {"x": x},
+        "tensor": lambda x: x,
+    }[kind]
+    assert wa.recompute_bn(Net(), [make(x) for x in xs]) == 13
+    assert wa.recompute_bn(Net(), [make(x) for x in xs], num_batches=2) == 12
+
+
+def test_dict_batches_are_passed_as_keyword_arguments() -> None:
+    a, b = Net(), Net()
+    b.load_state_dict(a.state_dict())
+    xs = data([6, 6])
+    wa.recompute_bn(a, [{"x": x, "scale": 2.0} for x in xs])
+    wa.recompute_bn(b, [x * 2.0 for x in xs], forward_fn=lambda m, x: m(x / 2.0, scale=2.0))
+    torch.testing.assert_close(a.norm.running_mean, b.norm.running_mean)
+    torch.testing.assert_close(a.norm.running_var, b.norm.running_var)
+
+
+def test_device_argument_moves_every_tensor_of_every_batch() -> None:
+    # the batches start on the CPU and must arrive on the requested device (meta: no data needed)
+    seen: list[tuple[str, ...]] = []
+
+    def fwd(model: nn.Module, batch: dict) -> None:
+        seen.append(tuple(v.device.type for v in (batch["x"], *batch["extra"])))
+        model(torch.ones(2, 2, 6))
+
+    n = wa.recompute_bn(Net(), [{"x": x, "extra": (x, x)} for x in data([2, 2])], device="meta", forward_fn=fwd)
+    assert seen == [("meta", "meta", "meta")] * 2
+    assert n == 4
+    seen.clear()
+    wa.recompute_bn(Net(), [{"x": x, "extra": (x,)} for x in data([2])], forward_fn=fwd)
+    assert seen == [("cpu", "cpu")]  # no device: not moved
+
+
+def test_a_norm_layer_the_forward_never_reaches_keeps_its_statistics() -> None:
+    class TwoBranches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.BatchNorm1d(2)
+            self.unused = nn.BatchNorm1d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    net = TwoBranches()
+    with torch.no_grad():
+        net.unused.running_mean.fill_(3.0)
+        net.unused.running_var.fill_(5.0)
+    x = torch.randn(10, 2, generator=torch.Generator().manual_seed(1)) + 4
+    wa.recompute_bn(net, [x])
+    assert net.unused.running_mean.tolist() == [3.0, 3.0]
+    assert net.unused.running_var.tolist() == [5.0, 5.0]
+    torch.testing.assert_close(net.used.running_mean, x.mean(0))
+    torch.testing.assert_close(net.used.running_var, x.var(0, unbiased=True))
+
+
+def test_instance_norm_one_batch_matches_torch() -> None:
+    net = Net(nn.InstanceNorm1d(3, track_running_stats=True))
+    ref = Net(nn.InstanceNorm1d(3, track_running_stats=True, momentum=1.0))
+    ref.load_state_dict(net.state_dict())
+    (x,) = data([5])
+    n = wa.recompute_bn(net, [x])
+    ref.train()
+    with torch.no_grad():
+        ref(x)  # momentum 1: running stats = this batch's (instance-averaged) statistics
+    assert n == 5
+    torch.testing.assert_close(net.norm.running_mean, ref.norm.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net.norm.running_var, ref.norm.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_three_layers_get_the_pooled_statistics_of_their_inputs() -> None:
+    # reference: each layer's inputs recorded batch by batch (layers in train mode, as during the
+    # recompute), then the mean and unbiased variance of all of them together
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4),
+                        nn.Linear(4, 2), nn.BatchNorm1d(2))
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(n, 3, generator=g) * 3 for n in (4, 9, 2)]
+    ref = copy.deepcopy(net)
+    inputs: dict[int, list[torch.Tensor]] = {1: [], 3: [], 5: []}
+    for i in inputs:
+        ref[i].register_forward_hook(lambda m, inp, out, i=i: inputs[i].append(inp[0].detach().clone()))
+    ref.train()
+    with torch.no_grad():
+        for x in xs:
+            ref(x)
+    assert wa.recompute_bn(net, xs) == 15
+    for i, seen in inputs.items():
+        h = torch.cat(seen).double()
+        torch.testing.assert_close(net[i].running_mean.double(), h.mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(net[i].running_var.double(), h.var(0, unbiased=True), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"num_batches": 0}, r"num_batches=0 is invalid: expected a positive int or None"),
+    ({"num_batches": -1}, r"num_batches=-1"),
+    ({"num_batches": True}, r"num_batches=True"),
+    ({"num_batches": 1.5}, r"num_batches=1\.5"),
+])
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(wa.ConfigError, match=match):
+        wa.recompute_bn(Net(), data([2]), **kwargs)
+
+
+def test_model_must_be_a_module() -> None:
+    with pytest.raises(wa.ConfigError, match=r"model='dict' is invalid: expected a torch\.nn\.Module"):
+        wa.recompute_bn({}, data([2]))  # type: ignore[arg-type]
+
+
+def test_unknown_batch_type_names_forward_fn() -> None:
+    with pytest.raises(wa.ConfigError, match=r"data='int' is invalid: .*forward_fn"):
+        wa.recompute_bn(Net(), [3])
+
+
+def test_model_without_norm_layers_reads_no_data() -> None:
+    def never() -> object:
+        raise AssertionError("read")
+        yield
+
+    assert wa.recompute_bn(nn.Linear(2, 2), never()) == 0
+    assert not wa.has_running_stats(nn.Linear(2, 2))
+    assert wa.has_running_stats(Net())
+    assert not wa.has_running_stats(nn.BatchNorm1d(2, track_running_stats=False))
+    assert not wa.has_running_stats(nn.InstanceNorm1d(2))  # no running stats by default

@@ -1,0 +1,175 @@
+"""The engine's update path under every kind of rule, through the public API (issue #17 gaps 9, 10).
+
+References are slow float64 loops over the snapshots written here: the mean of squares for
+``power=2`` on each storage path (packed small tensors, big tensors, contiguous sources), an
+in-place-only rule set, skipped non-finite updates, and ``update(step=)``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import weightavg as wa
+
+
+class SmallAndBig(nn.Module):
+    """Small tensors (packed) and one tensor of 300·300 = 90,000 ≥ 2^16 elements (the big-tensor path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.small = nn.Linear(3, 2)
+        self.big = nn.Linear(300, 300, bias=False)
+
+
+def snapshots(model: nn.Module, n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Set the model to n random states in turn; yield a float64 copy of each."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        out.append({k: v.detach().double().clone() for k, v in model.named_parameters()})
+    return out
+
+
+def run_snapshots(model: nn.Module, avg: wa.Averager, n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    seen = []
+    for _ in range(n):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        seen.append({k: v.detach().double().clone() for k, v in model.named_parameters()})
+        avg.update(model)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("contiguous", [False, True], ids=["packed+big", "contiguous"])
+def test_power_2_averages_squares_on_every_path(dtype: torch.dtype, contiguous: bool) -> None:
+    model = SmallAndBig()
+    if contiguous:
+        wa.make_contiguous(model)
+    avg = wa.Averager(model, rule={"m1": wa.mean(), "m2": wa.mean(power=2), "e2": wa.ema(0.5, power=2)},
+                      dtype=dtype)
+    seen = run_snapshots(model, avg, 3)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for name in ("small.weight", "small.bias", "big.weight"):
+        xs = [s[name] for s in seen]
+        mean1 = sum(xs) / 3
+        mean2 = sum(x * x for x in xs) / 3
+        ema2 = 0.25 * xs[0] ** 2 + 0.25 * xs[1] ** 2 + 0.5 * xs[2] ** 2  # copy, then .5/.5 twice
+        torch.testing.assert_close(avg.averaged_tensors("m1")[name].double(), mean1, **tol)
+        torch.testing.assert_close(avg.averaged_tensors("m2")[name].double(), mean2, **tol)
+        torch.testing.assert_close(avg.averaged_tensors("e2")[name].double(), ema2, **tol)
+
+
+def test_power_2_alone_on_a_big_tensor() -> None:
+    model = SmallAndBig()
+    avg = wa.Averager(model, rule=wa.mean(power=2), dtype=torch.float64)
+    seen = run_snapshots(model, avg, 2, seed=5)
+    got = avg.averaged_tensors()["big.weight"]
+    torch.testing.assert_close(got, (seen[0]["big.weight"] ** 2 + seen[1]["big.weight"] ** 2) / 2)
+    assert bool((got >= 0).all())  # squares, not values
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_an_in_place_only_rule_set(contiguous: bool) -> None:
+    calls: list[int] = []
+
+    def running_max(avg: list[torch.Tensor], new: list[torch.Tensor], n: int) -> None:
+        calls.append(n)
+        for a, x in zip(avg, new, strict=True):
+            torch.maximum(a, x.to(a.dtype), out=a)
+
+    model = SmallAndBig()
+    if contiguous:
+        wa.make_contiguous(model)
+    avg = wa.Averager(model, rule={"max": wa.inplace(running_max)}, dtype=torch.float64)
+    seen = run_snapshots(model, avg, 3, seed=1)
+    assert calls == [1, 2]  # the first update copies without calling fn
+    for name in ("small.weight", "big.weight"):
+        ref = torch.maximum(torch.maximum(seen[0][name], seen[1][name]), seen[2][name])
+        torch.testing.assert_close(avg.averaged_tensors("max")[name], ref, rtol=0, atol=0)
+
+
+def test_num_skipped_counts_every_skipped_update() -> None:
+    model = nn.Linear(3, 2)
+    avg = wa.Averager(model, nonfinite="skip", dtype=torch.float64)
+    assert avg.update(model) is True
+    before = {k: v.clone() for k, v in avg.averaged_tensors().items()}
+    good = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    assert avg.update(model) is False
+    with torch.no_grad():
+        model.bias[1] = float("inf")
+    assert avg.update(model) is False
+    assert avg.update(model) is False
+    assert (avg.num_skipped, avg.num_updates) == (3, 1)
+    for k, v in avg.averaged_tensors().items():
+        assert torch.equal(v, before[k])
+    model.load_state_dict(good)
+    assert avg.update(model) is True
+    assert (avg.num_skipped, avg.num_updates) == (3, 2)
+
+
+@pytest.mark.parametrize(("step", "match"), [
+    (-1, r"step=-1 is invalid: expected a non-negative int"),
+    (True, r"step=True is invalid"),
+    (2.0, r"step=2\.0 is invalid"),
+    ("3", r"step='3' is invalid"),
+])
+def test_update_step_must_be_a_non_negative_int(step: object, match: str) -> None:
+    model = nn.Linear(2, 1)
+    avg = wa.Averager(model)
+    with pytest.raises(wa.ConfigError, match=match):
+        avg.update(model, step=step)  # type: ignore[arg-type]
+    assert avg.num_updates == 0
+
+
+def test_equal_steps_are_allowed_and_count_zero_time() -> None:
+    # half-life rule: Δ = 0 steps since the previous update → decay 2^0 = 1 → the average does not move;
+    # the equal mean counts the snapshot regardless of time
+    lin = nn.Linear(1, 1, bias=False)
+    avg = wa.Averager(lin, rule={"hl": wa.ema(half_life=2), "m": wa.mean()}, dtype=torch.float64)
+    for step, v in ((0, 1.0), (4, 3.0), (4, 7.0)):
+        with torch.no_grad():
+            lin.weight.fill_(v)
+        avg.update(lin, step=step)
+    # hl: 1 → (Δ = 4: decay ¼) ¼·1 + ¾·3 = 2.5 → (Δ = 0) 2.5
+    assert float(avg.averaged_tensors("hl")["weight"]) == pytest.approx(2.5, rel=1e-12)
+    assert float(avg.averaged_tensors("m")["weight"]) == pytest.approx(11 / 3, rel=1e-12)
+    assert (avg.num_updates, avg.step, avg.last_step) == (3, 4, 4)
+    with pytest.raises(wa.ConfigError, match=r"step=3 is invalid: expected a step >= the previous update's step 4"):
+        avg.update(lin, step=3)
+
+
+def test_default_step_is_previous_plus_one() -> None:
+    lin = nn.Linear(1, 1, bias=False)
+    avg = wa.Averager(lin, rule=wa.ema(half_life=1), dtype=torch.float64)
+    for v in (0.0, 4.0):
+        with torch.no_grad():
+            lin.weight.fill_(v)
+        avg.update(lin)
+    # Δ = 1 half-life: ½·0 + ½·4
+    assert float(avg.averaged_tensors()["weight"]) == pytest.approx(2.0)
+    assert avg.step == 2
+
+
+def test_repr_and_summary_say_what_is_tracked() -> None:
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    avg = wa.Averager(m, rule={"swa": wa.mean(), "e": wa.ema(half_life=100)})
+    assert repr(avg) == ("Averager(rule={'swa': mean(), 'e': ema(half_life=100)}, params='all', "
+                         "buffers='average', dtype=torch.float32, device=None, nonfinite='raise', "
+                         "tracked=7 tensors/33 elements, num_updates=0)")
+    # 4·3 + 4 (linear) + 4 + 4 (affine) + 4 + 4 (running stats) = 32 averaged, num_batches_tracked copied
+    assert avg.summary() == ("weightavg.Averager: 6 tensors (32 elements) averaged in float32 on cpu, 1 copied; "
+                             "buffers='average'; rules: swa=mean(), e=ema(half_life=100); updates: 0")
+    avg.update(m)
+    assert avg.summary().endswith("updates: 1") and repr(avg).endswith("num_updates=1)")
