@@ -20,6 +20,7 @@ from ._rules import (
     sigma_rel_to_gamma,
 )
 from ._schedules import SWAAnnealLR, SWACyclicLR
+from .posthoc import PostHocEMA
 from .swag import SWAG, MultiSWA, MultiSWAG, SubspaceInference, bma_predict
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "MultiSWA",
     "MultiSWAG",
     "NonFiniteError",
+    "PostHocEMA",
     "Rule",
     "SWAAnnealLR",
     "SWACyclicLR",
