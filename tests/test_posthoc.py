@@ -354,3 +354,26 @@ def test_sharded_models_are_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(posthoc, "_is_sharded", lambda m: True)
     with pytest.raises(wa.ConfigError, match="sharded"):
         wa.PostHocEMA(tmp_path).begin(_model())
+
+
+def test_cli_posthoc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from weightavg.cli._main import main
+
+    _run(tmp_path / "run")
+    assert main([
+        "posthoc", str(tmp_path / "run"), "--sigma-rel", "0.07,0.12", "-o", str(tmp_path / "out"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["outputs"]) == 2 and len(report["reconstructions"]) == 2
+    from safetensors.torch import load_file
+
+    direct = posthoc.reconstruct(tmp_path / "run", sigma_rel=0.07, warn=False)
+    assert isinstance(direct, posthoc.Reconstruction)
+    written = load_file(report["outputs"][0])
+    for n, t in direct.state_dict.items():
+        assert torch.equal(written[n], t)
+    assert main(["posthoc", str(tmp_path / "run"), "--sigma-rel", "0.1", "-o", str(tmp_path / "one.safetensors")]) == 0
+    assert (tmp_path / "one.safetensors").is_file()
+    assert main(["posthoc", str(tmp_path / "run"), "--sigma-rel", "0.1", "--step", "3", "-o",
+                 str(tmp_path / "two.safetensors")]) == 1
+    assert "first snapshot" in capsys.readouterr().err
+    assert not (tmp_path / "two.safetensors").exists()

@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the per-epoch learning rates as JSON (no matplotlib needed)")
     p.set_defaults(func=cmd_plot_lr)
+
+    from ._posthoc import add_posthoc_parser  # weightavg posthoc (its own module)
+
+    add_posthoc_parser(sub)
     return parser
 
 
