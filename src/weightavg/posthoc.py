@@ -320,8 +320,7 @@ class PostHocEMA(AveragingPolicy):
             raise bad_arg("directory", directory, "a directory path")
         if isinstance(sigma_rels, (int, float)) or not isinstance(sigma_rels, Sequence) or not sigma_rels:
             raise bad_arg("sigma_rels", sigma_rels, "a non-empty sequence of numbers in (0, 0.408)")
-        gammas = [sigma_rel_to_gamma(float(s)) if isinstance(s, (int, float)) and not isinstance(s, bool)
-                  else sigma_rel_to_gamma(s) for s in sigma_rels]
+        gammas = [_gamma_of(s) for s in sigma_rels]
         if len(set(sigma_rels)) != len(sigma_rels):
             raise bad_arg("sigma_rels", list(sigma_rels), "distinct values")
         if snapshot_dtype not in _DTYPES.values():
@@ -562,6 +561,15 @@ class Reconstruction:
                 "buffers_from": self.buffers_from, "warnings": list(self.warnings)}
 
 
+def _gamma_of(sigma_rel: float) -> float:
+    """``sigma_rel_to_gamma`` checked by the forward formula (σ_rel above ~0.30 has no profile)."""
+    g = sigma_rel_to_gamma(sigma_rel)
+    if not math.isclose(gamma_to_sigma_rel(g), float(sigma_rel), rel_tol=1e-6):
+        raise bad_arg("sigma_rel", sigma_rel, "a value a power-function EMA reaches (about 0 < sigma_rel "
+                      "< 0.30)")
+    return g
+
+
 def _targets(sigma_rel: float | Sequence[float] | None, gamma: float | Sequence[float] | None
              ) -> list[tuple[float, float]]:
     if (sigma_rel is None) == (gamma is None):
@@ -570,7 +578,7 @@ def _targets(sigma_rel: float | Sequence[float] | None, gamma: float | Sequence[
         values = [sigma_rel] if isinstance(sigma_rel, (int, float)) else list(sigma_rel)
         if not values:
             raise bad_arg("sigma_rel", sigma_rel, "at least one value")
-        return [(float(s), sigma_rel_to_gamma(s)) for s in values]
+        return [(float(s), _gamma_of(s)) for s in values]
     assert gamma is not None
     gs = [gamma] if isinstance(gamma, (int, float)) else list(gamma)
     if not gs:
