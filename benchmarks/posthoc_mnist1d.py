@@ -114,7 +114,7 @@ def run_seed(seed: int, epochs: int, lr: float, root: Path) -> dict[str, object]
     out["recon_0.15_residual"] = r15.relative_residual
     sweep = {}
     for s in SWEEP:
-        sweep[s] = evaluate(model, by_sigma[s].state_dict, x, splits) + [by_sigma[s].relative_residual]
+        sweep[s] = [*evaluate(model, by_sigma[s].state_dict, x, splits), by_sigma[s].relative_residual]
     out["sweep"] = sweep
     best = max(SWEEP, key=lambda s: sweep[s][0])
     out["best_sigma"] = best
