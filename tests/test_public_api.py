@@ -29,7 +29,8 @@ def test_import_loads_no_optional_dependency() -> None:
 PUBLIC = [
     "EMA", "SWA", "SWAG", "Averager", "AveragingPolicy", "ConfigError", "Duration", "MismatchError",
     "MultiSWA", "MultiSWAG", "NonFiniteError", "PostHocEMA", "Rule", "SWAAnnealLR", "SWACyclicLR", "StateError",
-    "SubspaceInference", "UpdateInfo", "WeightAvgError", "__version__", "bma_predict", "canonical_name",
+    "SubspaceInference", "UpdateInfo", "WeightAvgError", "WindowAverage", "__version__", "bma_predict",
+    "canonical_name",
     "custom", "ema", "ema_warmup", "has_running_stats", "inplace", "karras_ema", "make_contiguous", "mean",
     "named_tensors", "recompute_bn", "sigma_rel_to_gamma", "unwrap_model",
 ]

@@ -20,6 +20,7 @@ from ._rules import (
     sigma_rel_to_gamma,
 )
 from ._schedules import SWAAnnealLR, SWACyclicLR
+from ._window import WindowAverage
 from .posthoc import PostHocEMA
 from .swag import SWAG, MultiSWA, MultiSWAG, SubspaceInference, bma_predict
 
@@ -45,6 +46,7 @@ __all__ = [
     "SubspaceInference",
     "UpdateInfo",
     "WeightAvgError",
+    "WindowAverage",
     "__version__",
     "bma_predict",
     "canonical_name",
