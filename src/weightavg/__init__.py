@@ -22,6 +22,7 @@ from ._rules import (
 from ._schedules import SWAAnnealLR, SWACyclicLR
 from ._window import WindowAverage
 from .posthoc import PostHocEMA
+from .soup import greedy_soup
 from .swag import SWAG, MultiSWA, MultiSWAG, SubspaceInference, bma_predict
 
 __version__ = "0.1.0"
@@ -53,6 +54,7 @@ __all__ = [
     "custom",
     "ema",
     "ema_warmup",
+    "greedy_soup",
     "has_running_stats",
     "inplace",
     "karras_ema",
