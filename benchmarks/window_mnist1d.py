@@ -75,7 +75,7 @@ def split(seed: int) -> tuple[torch.Tensor, ...]:
 
 
 def windows(seed: int, epochs: int, cooldown: int, lr: float) -> dict[str, float]:
-    x, y, xv, yv, xt, yt = split(seed)
+    x, y, _xv, _yv, xt, yt = split(seed)
     torch.manual_seed(seed)
     model = make_model("mlp", x.shape[1], 10)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
