@@ -377,3 +377,21 @@ def test_cli_posthoc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
                  str(tmp_path / "two.safetensors")]) == 1
     assert "first snapshot" in capsys.readouterr().err
     assert not (tmp_path / "two.safetensors").exists()
+
+
+def test_a_failed_snapshot_write_does_not_stop_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model()
+    policy = wa.PostHocEMA(tmp_path, snapshot_every=5)
+    opt = _train(policy, model, 5)
+    real = posthoc._atomic_write
+
+    def full_disk(path: Path, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(posthoc, "_atomic_write", full_disk)
+    with pytest.warns(UserWarning, match="step 10 was not written"):
+        _train(policy, model, 5, opt=opt, start=5)
+    monkeypatch.setattr(posthoc, "_atomic_write", real)
+    _train(policy, model, 5, opt=opt, start=10)
+    assert [s["step"] for s in posthoc.read_manifest(tmp_path)["snapshots"]] == [5, 5, 15, 15]
+    assert posthoc.reconstruct(tmp_path, sigma_rel=0.08, warn=False)

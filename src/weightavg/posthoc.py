@@ -456,24 +456,33 @@ class PostHocEMA(AveragingPolicy):
         if self.snapshots and self.snapshots[-1]["step"] >= step:
             return  # no update since the last snapshot: the same EMA
         rank0 = _rank() == 0
-        for i, (slot, s, g) in enumerate(zip(self._slots, self.sigma_rels, self.gammas, strict=True)):
-            entry: dict[str, Any] = {"file": f"phema-{i}-{step:010d}.safetensors", "step": step,
-                                     "optimizer_step": self.steps, "epoch": self.epochs,
-                                     "sigma_rel": s, "gamma": g, "profile": i, "sha256": None}
+        entries: list[dict[str, Any]] = []
+        try:
+            for i, (slot, s, g) in enumerate(zip(self._slots, self.sigma_rels, self.gammas, strict=True)):
+                entry: dict[str, Any] = {"file": f"phema-{i}-{step:010d}.safetensors", "step": step,
+                                         "optimizer_step": self.steps, "epoch": self.epochs,
+                                         "sigma_rel": s, "gamma": g, "profile": i, "sha256": None}
+                if rank0:
+                    tensors = {n: (t.to(self.snapshot_dtype) if t.is_floating_point() else t).cpu()
+                               for n, t in self.averager.averaged_tensors(slot).items()}
+                    # one metadata key: safetensors orders several keys differently in every process
+                    meta = json.dumps({"format": FORMAT, "step": step, "sigma_rel": s, "gamma": g},
+                                      sort_keys=True)
+                    data = _serialize(tensors, {"weightavg": meta})
+                    entry["sha256"] = hashlib.sha256(data).hexdigest()
+                    entry["bytes"] = len(data)
+                    _atomic_write(_member(self.directory, entry["file"]), data)
+                entries.append(entry)
             if rank0:
-                tensors = {n: (t.to(self.snapshot_dtype) if t.is_floating_point() else t).cpu()
-                           for n, t in self.averager.averaged_tensors(slot).items()}
-                # one metadata key: safetensors orders several keys differently in every process
-                meta = json.dumps({"format": FORMAT, "step": step, "sigma_rel": s, "gamma": g}, sort_keys=True)
-                data = _serialize(tensors, {"weightavg": meta})
-                entry["sha256"] = hashlib.sha256(data).hexdigest()
-                entry["bytes"] = len(data)
-                _atomic_write(_member(self.directory, entry["file"]), data)
-            self.snapshots.append(entry)
-        if rank0:
-            self._write_manifest()
+                self._write_manifest(self.snapshots + entries)
+        except OSError as err:  # a full disk must not kill training: this snapshot is skipped
+            warnings.warn(f"PostHocEMA: the snapshot at step {step} was not written ({err}); the "
+                          "manifest still lists the earlier ones and training goes on", UserWarning,
+                          stacklevel=2)
+            return
+        self.snapshots.extend(entries)
 
-    def _write_manifest(self) -> None:
+    def _write_manifest(self, snapshots: list[dict[str, Any]] | None = None) -> None:
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -484,7 +493,7 @@ class PostHocEMA(AveragingPolicy):
             "update_interval": str(self.update_interval),
             "snapshot_every": str(self.snapshot_every),
             "tensors": self._tensor_table,
-            "snapshots": self.snapshots,
+            "snapshots": self.snapshots if snapshots is None else snapshots,
         }
         _atomic_write(self.directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
 
