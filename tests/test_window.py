@@ -165,3 +165,19 @@ def test_weighted_mean_rule_is_the_weighted_mean() -> None:
     torch.testing.assert_close(avg.averaged_tensors()["w"], expected)
     with pytest.raises(wa.ConfigError):
         weighted_mean_rule([1.0, 0.0])
+
+
+def test_a_failed_disk_write_does_not_stop_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from weightavg import posthoc
+
+    model = _model()
+    policy = wa.WindowAverage(k=3, every=2, offload="disk", directory=tmp_path, recompute_bn=False)
+    opt = _train(policy, model, 4)
+
+    def full_disk(path: Path, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(posthoc, "_atomic_write", full_disk)
+    with pytest.warns(UserWarning, match="not written"):
+        _train(policy, model, 2, opt=opt, start=4)
+    assert policy.num_updates == 2 and policy.window_size == 2

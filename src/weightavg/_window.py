@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -220,7 +221,14 @@ class WindowAverage(AveragingPolicy):
             assert self.directory is not None
             self._stage = slot
             tensors = {n: t.clone() for n, t in slot.averaged_tensors().items()}
-            entry = self._write(tensors)
+            try:
+                entry = self._write(tensors)
+            except OSError as err:  # a full disk must not kill training: this snapshot is skipped
+                self._pushes -= 1
+                warnings.warn(f"WindowAverage: the snapshot at step {self.steps} was not written ({err}); "
+                              "the window keeps the earlier ones and training goes on", UserWarning,
+                              stacklevel=2)
+                return
             if uniform:
                 self._running().add(tensors, 1.0)
             self._ring.append(entry)
