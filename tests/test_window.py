@@ -181,3 +181,11 @@ def test_a_failed_disk_write_does_not_stop_training(tmp_path: Path, monkeypatch:
     with pytest.warns(UserWarning, match="not written"):
         _train(policy, model, 2, opt=opt, start=4)
     assert policy.num_updates == 2 and policy.window_size == 2
+
+
+def test_sharded_models_are_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from weightavg import posthoc
+
+    monkeypatch.setattr(posthoc, "_is_sharded", lambda m: True)
+    with pytest.raises(wa.ConfigError, match="sharded"):
+        wa.WindowAverage(recompute_bn=False).begin(_model())

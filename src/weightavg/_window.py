@@ -118,7 +118,8 @@ class WindowAverage(AveragingPolicy):
             ``n -> n`` weights (oldest first).
         offload: where snapshots live: ``'cpu'`` (default, host memory), ``'disk'`` (safetensors
             files in ``directory``) or ``None`` (with the model, e.g. on the GPU).
-        directory: the snapshot directory for ``offload='disk'``.
+        directory: the snapshot directory for ``offload='disk'`` (under DDP each rank writes into
+            its own ``rank<r>`` sub-directory).
         snapshot_dtype: dtype of the stored snapshots (default float32).
         start: when snapshots start (default 0).
         **kwargs: see :class:`~weightavg.AveragingPolicy` (``eval_with``, ``final``,
@@ -161,6 +162,7 @@ class WindowAverage(AveragingPolicy):
         self.weights = weights
         self.offload = offload
         self.directory = Path(directory) if directory is not None else None
+        self._dir: Path | None = self.directory  # per rank under DDP (see begin)
         self.snapshot_dtype = snapshot_dtype
         # ring (oldest first): host/device slots, or disk entries {"file", "sha256"}
         self._ring: list[Any] = []
@@ -185,9 +187,18 @@ class WindowAverage(AveragingPolicy):
         """Start; see :meth:`weightavg.AveragingPolicy.begin`."""
         self._ring, self._free, self._stage, self._sum = [], [], None, None
         self._pushes, self._dirty = 0, True
-        super().begin(model, optimizers, **kwargs)
+        from .posthoc import _is_sharded
+
+        if isinstance(model, nn.Module) and _is_sharded(model):
+            raise ConfigError("WindowAverage does not support sharded (DTensor/FSDP2) models yet")
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            # under DDP every rank keeps its own snapshots (no rank waits for another's files)
+            dist = torch.distributed
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            self._dir = self.directory / f"rank{dist.get_rank()}" if world > 1 else self.directory
+        super().begin(model, optimizers, **kwargs)
+        if self._dir is not None:
+            self._dir.mkdir(parents=True, exist_ok=True)
 
     def _slot(self) -> Averager:
         assert self.model is not None
@@ -218,7 +229,7 @@ class WindowAverage(AveragingPolicy):
         self._pushes += 1
         uniform = self.weights == "uniform"
         if self.offload == "disk":
-            assert self.directory is not None
+            assert self._dir is not None
             self._stage = slot
             tensors = {n: t.clone() for n, t in slot.averaged_tensors().items()}
             try:
@@ -268,28 +279,28 @@ class WindowAverage(AveragingPolicy):
     def _write(self, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
         from .posthoc import _atomic_write, _member, _serialize  # TODO(lead): the shared _files module
 
-        assert self.directory is not None
+        assert self._dir is not None
         name = f"window-{self._pushes:010d}.safetensors"
         data = _serialize(tensors, {"weightavg": "WindowAverage snapshot"})
-        _atomic_write(_member(self.directory, name), data)
+        _atomic_write(_member(self._dir, name), data)
         return {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "step": self.steps}
 
     def _read(self, entry: Mapping[str, Any]) -> dict[str, Tensor]:
         from .posthoc import SnapshotError, _read_snapshot
 
-        assert self.directory is not None
+        assert self._dir is not None
         try:
-            return _read_snapshot(self.directory, entry)
+            return _read_snapshot(self._dir, entry)
         except SnapshotError as err:
             raise StateError(f"window snapshot unusable: {err}") from err
 
     def _evict_file(self, name: str) -> None:
-        assert self.directory is not None
+        assert self._dir is not None
         if name in self._pinned:
             self._deferred.add(name)
             return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.directory / name)
+            os.unlink(self._dir / name)
 
     # ------------------------------------------------------------------ reading
 
@@ -365,8 +376,8 @@ class WindowAverage(AveragingPolicy):
             keep = {e["file"] for e in self._ring}
             for name in self._deferred - keep:
                 with contextlib.suppress(FileNotFoundError):
-                    assert self.directory is not None
-                    os.unlink(self.directory / name)
+                    assert self._dir is not None
+                    os.unlink(self._dir / name)
             self._deferred &= keep
             self._pinned = keep
         else:
@@ -384,13 +395,13 @@ class WindowAverage(AveragingPolicy):
             return
         self._pushes = int(win["pushes"])
         if self.offload == "disk":
-            assert self.directory is not None
+            assert self._dir is not None
             from .posthoc import _member
 
             for e in win["ring"]:
-                _member(self.directory, e["file"])
-                if not (self.directory / e["file"]).is_file():
-                    raise StateError(f"window snapshot {self.directory / e['file']} is missing: resume "
+                _member(self._dir, e["file"])
+                if not (self._dir / e["file"]).is_file():
+                    raise StateError(f"window snapshot {self._dir / e['file']} is missing: resume "
                                      "from the latest checkpoint of this run (older ones' files are gone)")
                 self._ring.append(dict(e))
             self._pinned = {e["file"] for e in self._ring}
