@@ -386,7 +386,9 @@ class PostHocEMA(AveragingPolicy):
                     raise ConfigError(f"{self.directory} already holds a post-hoc EMA manifest of another "
                                       "run: give a new directory, resume that run (load its state), "
                                       "or pass overwrite=True")
-                self.snapshots = []
+        if not self._resumed:
+            self.snapshots = []  # a fresh run (also a second fit with this policy)
+        if _rank() == 0:
             self._write_manifest()
 
     def _describe(self, model: nn.Module) -> dict[str, dict[str, Any]]:
