@@ -192,6 +192,9 @@ class WindowAverage(AveragingPolicy):
         if isinstance(model, nn.Module) and _is_sharded(model):
             raise ConfigError("WindowAverage does not support sharded (DTensor/FSDP2) models yet")
         if self.directory is not None:
+            from .posthoc import _require_safetensors
+
+            _require_safetensors()
             # under DDP every rank keeps its own snapshots (no rank waits for another's files)
             dist = torch.distributed
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -122,6 +122,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.close(dfd)
 
 
+def _require_safetensors() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("safetensors") is None:
+        raise ConfigError("post-hoc EMA and disk snapshots need the 'safetensors' package: "
+                          "pip install 'weightavg[safetensors]'")
+
+
 def _serialize(tensors: Mapping[str, Tensor], metadata: dict[str, str]) -> bytes:
     from safetensors.torch import save
 
@@ -374,6 +382,7 @@ class PostHocEMA(AveragingPolicy):
         if isinstance(model, nn.Module) and _is_sharded(model):
             raise ConfigError("PostHocEMA does not support sharded (DTensor/FSDP2) models yet: "
                               "snapshots of a sharded run need distributed checkpoints")
+        _require_safetensors()
         self._resumed = False
         super().begin(model, optimizers, **kwargs)
         self._tensor_table = self._describe(model)
@@ -628,6 +637,7 @@ def reconstruct(
         SnapshotError: no usable manifest, a snapshot missing, altered or unsafe.
         ConfigError: bad targets, or ``step`` before the first snapshot.
     """
+    _require_safetensors()
     d = Path(directory)
     manifest = read_manifest(d)
     targets = _targets(sigma_rel, gamma)
