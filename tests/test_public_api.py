@@ -28,11 +28,10 @@ def test_import_loads_no_optional_dependency() -> None:
 
 PUBLIC = [
     "EMA", "SWA", "SWAG", "Averager", "AveragingPolicy", "ConfigError", "Duration", "FastSWALR",
-    "MismatchError",
-    "MultiSWA", "MultiSWAG", "NonFiniteError", "Rule", "SWAAnnealLR", "SWACyclicLR", "StateError",
-    "SubspaceInference", "UpdateInfo", "WeightAvgError", "__version__", "bma_predict", "canonical_name",
-    "custom", "ema", "ema_warmup", "has_running_stats", "inplace", "karras_ema", "make_contiguous", "mean",
-    "named_tensors", "recompute_bn", "sigma_rel_to_gamma", "unwrap_model",
+    "MismatchError", "MultiSWA", "MultiSWAG", "NonFiniteError", "PostHocEMA", "Rule", "SWAAnnealLR", "SWACyclicLR",
+    "StateError", "SubspaceInference", "UpdateInfo", "WeightAvgError", "WindowAverage", "__version__", "bma_predict",
+    "canonical_name", "custom", "ema", "ema_warmup", "greedy_soup", "has_running_stats", "inplace", "karras_ema",
+    "make_contiguous", "mean", "named_tensors", "recompute_bn", "sigma_rel_to_gamma", "unwrap_model",
 ]
 
 

@@ -21,6 +21,9 @@ from ._rules import (
     sigma_rel_to_gamma,
 )
 from ._schedules import FastSWALR, SWAAnnealLR, SWACyclicLR
+from ._window import WindowAverage
+from .posthoc import PostHocEMA
+from .soup import greedy_soup
 from .swag import SWAG, MultiSWA, MultiSWAG, SubspaceInference, bma_predict
 
 __version__ = "0.1.0"
@@ -38,6 +41,7 @@ __all__ = [
     "MultiSWA",
     "MultiSWAG",
     "NonFiniteError",
+    "PostHocEMA",
     "Rule",
     "SWAAnnealLR",
     "SWACyclicLR",
@@ -45,12 +49,14 @@ __all__ = [
     "SubspaceInference",
     "UpdateInfo",
     "WeightAvgError",
+    "WindowAverage",
     "__version__",
     "bma_predict",
     "canonical_name",
     "custom",
     "ema",
     "ema_warmup",
+    "greedy_soup",
     "has_running_stats",
     "inplace",
     "karras_ema",

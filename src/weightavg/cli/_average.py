@@ -473,6 +473,7 @@ def average_checkpoints(
     key: str | None = None,
     force: bool = False,
     warn: bool = True,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Average checkpoints and write the result atomically in the inputs' format.
 
@@ -487,6 +488,8 @@ def average_checkpoints(
         key: entry holding the weights in nested torch checkpoints (dots for deeper levels).
         force: replace ``output`` if it exists.
         warn: also issue the returned warnings with :func:`warnings.warn` (the CLI prints them).
+        weights: one non-negative weight per input: ``Σ wᵢ xᵢ / Σ wᵢ`` (zero-weight inputs are
+            not read).
 
     Returns:
         A JSON-ready summary (what was averaged, counts, files copied, entries dropped, warnings).
@@ -519,6 +522,16 @@ def average_checkpoints(
     if key is not None and not key:
         raise bad_arg("--key", key, "a non-empty entry name such as state_dict")
     used = paths[-last:] if last is not None else paths
+    if weights is not None:  # explicit weights (weightavg._window: the rule and the schedules)
+        from .._window import weighted_mean_rule
+
+        if last is not None or ema_decay is not None:
+            raise bad_arg("--weights", list(weights), "no --last/--ema with explicit weights")
+        if len(weights) != len(paths) or any(not (isinstance(w, (int, float)) and w >= 0) for w in weights):
+            raise bad_arg("--weights", list(weights), f"{len(paths)} non-negative numbers (one per input)")
+        used = [p for p, w in zip(paths, weights, strict=True) if w > 0]
+        weights = [float(w) for w in weights if w > 0]
+        weighted_mean_rule(weights)  # validates (a positive, finite total)
     items = [_detect(p) for p in used]
     kinds = {i.kind for i in items}
     if "hf" in kinds and len(kinds) > 1:
@@ -553,6 +566,8 @@ def average_checkpoints(
 
     # 2. stream the inputs through one Averager (floating, non-empty tensors only)
     rule = ema(decay=float(ema_decay)) if ema_decay is not None else mean()
+    if weights is not None:
+        rule = weighted_mean_rule(weights)
     avg: Averager | None = None
     tensors: dict[str, Tensor] = {}
     for inp in items:
@@ -577,7 +592,9 @@ def average_checkpoints(
     del averaged, tensors
 
     method = "ema" if ema_decay is not None else ("last_k" if last is not None else "mean")
+    method = "weighted" if weights is not None else method
     description = {"mean": "uniform average",
+                   "weighted": f"weighted average (weights {[round(w, 6) for w in weights or []]})",
                    "last_k": f"uniform average of the last {last} of {len(paths)}",
                    "ema": f"EMA (decay {ema_decay:g})" if ema_decay is not None else ""}[method]
     copied = [n for n in names if n not in floating_set]
@@ -587,6 +604,7 @@ def average_checkpoints(
         "description": description,
         "last_k": last,
         "ema_decay": ema_decay,
+        "weights": weights,
         "inputs": [str(p) for p in used],
         "num_inputs": len(used),
         "accumulation_dtype": _dtype_name(acc_dtype),
@@ -636,6 +654,7 @@ def average_checkpoints(
         "method_description": description,
         "last_k": last,
         "ema_decay": ema_decay,
+        "weights": weights,
         "inputs": [str(p) for p in used],
         "num_averaged_tensors": len(floating),
         "num_copied_tensors": len(copied),

@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. state_dict (dots for deeper levels: model.ema)")
     p.add_argument("-f", "--force", action="store_true", help="replace OUT if it exists (never an input)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    from ._weighted import add_average_flags  # --weights, --schedule, --greedy --eval
+
+    add_average_flags(p)
     p.set_defaults(func=cmd_average)
 
     # ------------------------------------------------------------------ plot-lr
@@ -244,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the per-epoch learning rates as JSON (no matplotlib needed)")
     p.set_defaults(func=cmd_plot_lr)
+
+    from ._posthoc import add_posthoc_parser  # weightavg posthoc (its own module)
+
+    add_posthoc_parser(sub)
     return parser
 
 
@@ -263,7 +270,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_average(args: argparse.Namespace) -> int:
     """``weightavg average``: average checkpoints into one, written atomically."""
     from ._average import average_checkpoints
+    from ._weighted import cmd_weighted_average, wants_weighted
 
+    if wants_weighted(args):
+        return cmd_weighted_average(args)
     report = average_checkpoints(
         args.inputs, args.output, last=args.last, ema_decay=args.ema, key=args.key,
         force=args.force, warn=False,
