@@ -61,7 +61,7 @@ def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     ns: dict[str, Any] = docs_namespace()
     for line, code in runnable:
         try:
-            exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), ns)  # noqa: S102
+            exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), ns)
         except Exception as e:
             raise AssertionError(f"{page.relative_to(ROOT)}, the block at line {line} failed: {e!r}") from e
     assert os.getcwd() == str(tmp_path)
