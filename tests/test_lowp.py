@@ -90,6 +90,12 @@ def test_stochastic_rounding_at_2_bits_hits_both_neighbours_with_the_right_odds(
     assert set(q[:, 1].unique().tolist()) == {0.0, 1.0}
 
 
+def test_empty_tensors_pass_through() -> None:
+    for shape in ((0,), (0, 3), (3, 0)):
+        q = quantize(torch.empty(shape), 8, block="row")
+        assert q.shape == shape
+
+
 def test_generator_reproducible_and_global_rng_untouched() -> None:
     x = torch.randn(50, generator=torch.Generator().manual_seed(1))
     state = torch.get_rng_state()

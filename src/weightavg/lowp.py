@@ -91,6 +91,8 @@ def quantize(
     _check(bits, block, rounding)
     if not x.is_floating_point():
         raise bad_arg("x", x.dtype, "a floating-point tensor")
+    if x.numel() == 0:
+        return x.clone()
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(work)
     tiny = torch.finfo(work).tiny
