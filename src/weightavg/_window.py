@@ -353,11 +353,14 @@ class WindowAverage(AveragingPolicy):
         self._dirty = False
 
     @contextlib.contextmanager
-    def averaged(self) -> Iterator[nn.Module]:
-        """The model with the window average in it (BatchNorm statistics fresh), restored on exit."""
+    def averaged(self, *, collective: bool = True) -> Iterator[nn.Module]:
+        """The model with the window average in it (BatchNorm statistics fresh), restored on exit.
+
+        ``collective``: as for :meth:`AveragingPolicy.averaged`.
+        """
         self._require_begun()
         self._materialise()
-        with super().averaged() as m:
+        with super().averaged(collective=collective) as m:
             yield m
 
     @torch.no_grad()

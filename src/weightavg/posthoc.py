@@ -26,8 +26,6 @@ import hashlib
 import json
 import math
 import os
-import stat
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from ._accumulate import WeightedSum
 from ._duration import Duration
 from ._engine import named_tensors
 from ._errors import ConfigError, StateError, WeightAvgError, bad_arg
+from ._files import InputError, atomic_output, is_plain_name, member
 from ._policy import AveragingPolicy, TimeLike, _Time
 from ._rules import Rule, karras_ema, sigma_rel_to_gamma
 
@@ -67,59 +66,38 @@ class SnapshotError(WeightAvgError):
 
 
 # ----------------------------------------------------------------------------- files
-# TODO(lead): route through the shared _files module after merge
 
 
 def _member(directory: Path, name: object) -> Path:
     """``directory / name`` for a plain file name from a manifest; refuses anything that could leave it.
 
+    A missing file is returned as is (the caller reports it in its own words); the checks are the
+    shared ones of :func:`weightavg._files.member`.
+
     Raises:
         SnapshotError: not a plain file name (separators, ``..``, hidden, NUL), or a path that is
-            not a regular file inside ``directory`` (symlinks are refused).
+            not a regular file inside ``directory`` (links out of it and special files are refused).
     """
-    # TODO(lead): route through the shared _files module after merge
-    if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".")
-            or "/" in name or "\\" in name or "\x00" in name or (os.altsep and os.altsep in name)
-            or len(name) > 255):
+    if not is_plain_name(name):
         raise SnapshotError(f"{directory}: manifest names {name!r}: expected a plain file name inside "
                             "the directory (no separators, no '..', not hidden)")
-    path = directory / name
+    assert isinstance(name, str)
+    if not os.path.lexists(directory / name):
+        return directory / name
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return path  # the caller reports a missing file in its own words
-    if not stat.S_ISREG(st.st_mode):
-        raise SnapshotError(f"{path}: not a regular file (symlinks and special files are refused)")
-    return path
+        return member(directory, name, what="the manifest")
+    except InputError as err:
+        raise SnapshotError(str(err)) from None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary sibling, fsync, one rename.
+    """Write ``data`` to ``path`` atomically (the shared writer: a temporary sibling, fsync, one rename).
 
-    On any failure (KeyboardInterrupt and SIGTERM-raised exceptions included) the temporary file is
-    removed and ``path`` is left as it was.
+    On any failure (KeyboardInterrupt and SIGTERM included) the temporary file is removed and
+    ``path`` is left as it was.
     """
-    # TODO(lead): route through the shared _files module after merge
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable (not possible on every OS)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_bytes(data)
 
 
 def _require_safetensors() -> None:
@@ -427,8 +405,12 @@ class PostHocEMA(AveragingPolicy):
         self._ended = True
 
     @contextlib.contextmanager
-    def averaged(self) -> Iterator[nn.Module]:
-        """The model with the EMA of ``eval_sigma_rel`` in it, restored on exit."""
+    def averaged(self, *, collective: bool = True) -> Iterator[nn.Module]:
+        """The model with the EMA of ``eval_sigma_rel`` in it, restored on exit.
+
+        ``collective`` is accepted for the front ends (see :meth:`AveragingPolicy.averaged`); this
+        policy runs no collective here either way.
+        """
         self._require_begun()
         assert self.model is not None
         if not self.has_average:
@@ -753,5 +735,5 @@ def plot_profiles(results: Sequence[Reconstruction], manifest: Mapping[str, Any]
     ax.set_title(f"post-hoc EMA profiles at step {results[0].step}" if results else "post-hoc EMA")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=120)
+    fig.savefig(os.fspath(path), dpi=120, format="png")
     plt.close(fig)

@@ -64,11 +64,17 @@ def add_posthoc_parser(sub: Any) -> None:
 def cmd_posthoc(args: argparse.Namespace) -> int:
     """Run ``weightavg posthoc``; returns the exit status."""
     from .. import posthoc
-    from ._average import _atomic_output, _save_safetensors
+    from .._files import atomic_output, check_output
+    from ._average import _save_safetensors
 
     if args.output is None and not args.dry_run:
         raise bad_arg("-o/--output", None, "an output path (or --dry-run)")
     sigmas: list[float] = args.sigma_rel
+    if args.output is not None and not args.dry_run:  # refuse a bad output before reading anything
+        check_output(args.output, directory=args.output.suffix != ".safetensors" or len(sigmas) > 1,
+                     force=args.force, inputs=[args.directory])
+    if args.plot is not None:
+        check_output(args.plot, force=args.force, inputs=[args.directory])
     results = posthoc.reconstruct(args.directory, sigma_rel=sigmas, step=args.step,
                                   max_residual=args.max_residual, warn=False)
     assert isinstance(results, list)
@@ -77,18 +83,19 @@ def cmd_posthoc(args: argparse.Namespace) -> int:
         out: Path = args.output
         if len(results) == 1 and out.suffix == ".safetensors":
             r = results[0]
-            with _atomic_output(out, directory=False, force=args.force) as tmp:
+            with atomic_output(out, force=args.force, inputs=[args.directory]) as tmp:
                 _save_safetensors(r.state_dict, tmp, {"weightavg": json.dumps(r.summary())})
             files.append(str(out))
         else:
-            with _atomic_output(out, directory=True, force=args.force) as tmp:
+            with atomic_output(out, directory=True, force=args.force, inputs=[args.directory]) as tmp:
                 for r in results:
                     name = f"ema-sigma_rel-{r.sigma_rel:g}-step-{r.step}.safetensors"
                     _save_safetensors(r.state_dict, tmp / name, {"weightavg": json.dumps(r.summary())})
                     files.append(str(out / name))
                 (tmp / "summary.json").write_text(json.dumps([r.summary() for r in results], indent=1) + "\n")
     if args.plot is not None:
-        posthoc.plot_profiles(results, posthoc.read_manifest(args.directory), args.plot)
+        with atomic_output(args.plot, force=args.force, inputs=[args.directory]) as tmp:
+            posthoc.plot_profiles(results, posthoc.read_manifest(args.directory), tmp)
     for r in results:
         for w in r.warnings:
             print(f"weightavg posthoc: warning: {w}", file=sys.stderr)
