@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import weightavg
 
 HEAVY = ["lightning", "pytorch_lightning", "transformers", "matplotlib", "rich", "tqdm", "mnist1d",
@@ -40,3 +42,15 @@ def test_all_is_pinned_and_importable() -> None:
     assert weightavg.__all__ == PUBLIC
     for name in weightavg.__all__:
         assert hasattr(weightavg, name), name
+
+
+@pytest.mark.parametrize(("module", "missing", "extra"), [
+    ("weightavg.lightning", "lightning", "weightavg[lightning]"),
+    ("weightavg.transformers", "transformers", "weightavg[transformers]"),
+])
+def test_a_front_end_without_its_framework_names_the_extra(module: str, missing: str, extra: str) -> None:
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"
+            f"try:\n    import {module}\nexcept ModuleNotFoundError as e:\n    print('ERR', e.name, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith(f"ERR {missing}"), out
+    assert extra in out and "pip install" in out, out

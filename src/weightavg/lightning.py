@@ -31,11 +31,19 @@ import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.trainer.states import TrainerFn
+except ModuleNotFoundError as _err:  # name the extra, not just the missing module
+    if not (_err.name or "").startswith("lightning"):
+        raise
+    raise ModuleNotFoundError(
+        f"weightavg.lightning needs Lightning ({_err.name} is not installed): "
+        "pip install 'weightavg[lightning]'", name=_err.name) from None
 
 from ._bn import _stat_layers
 from ._duration import Duration

@@ -50,7 +50,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+try:
+    from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ModuleNotFoundError as _err:  # name the extra, not just the missing module
+    if (_err.name or "").split(".")[0] not in ("transformers", "accelerate"):
+        raise
+    raise ModuleNotFoundError(
+        f"weightavg.transformers needs Hugging Face transformers and accelerate ({_err.name} is not "
+        "installed): pip install 'weightavg[transformers]'", name=_err.name) from None
 
 from ._errors import ConfigError, StateError, bad_arg
 from ._policy import EMA as _EMAPolicy
