@@ -42,10 +42,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._binding import Binder, _Binding
-from ._errors import MismatchError, StateError, bad_arg, describe_mismatch
+from ._binding import Binder, _Binding, is_stale
+from ._errors import ConfigError, MismatchError, StateError, bad_arg, describe_mismatch
 from ._executor import NonFinitePolicy, make_executor
-from ._names import Source, canonical_name, named_tensors, source_tensors, unwrap_model
+from ._names import Source, canonical_name, named_tensors, source_tensors, state_dict_names, tied_names, unwrap_model
 from ._rules import Rule, UpdateInfo
 from ._storage import BufferPolicy, FlatStorage, make_contiguous
 
@@ -139,7 +139,14 @@ class Averager:
         self.last_step: int | None = None
 
         # what is tracked and where it lives; how sources bind to it; how an update runs
-        self._store = FlatStorage(source_tensors(model), list(self.rules), params=params, include=self.include,
+        tensors = source_tensors(model)
+        meta = [n for n, (t, _) in tensors.items() if t.is_meta]
+        if meta:
+            raise ConfigError(
+                f"model has {len(meta)} tensor(s) on the meta device ({', '.join(meta[:5])}"
+                f"{', ...' if len(meta) > 5 else ''}), which hold no values; expected a materialised model "
+                "(e.g. call model.to_empty(device=...) and load its weights before building the Averager)")
+        self._store = FlatStorage(tensors, list(self.rules), params=params, include=self.include,
                                   exclude=self.exclude, buffers=buffers, dtype=dtype, device=self.device)
         if not self._store.entries:
             raise bad_arg("model", type(model).__name__,
@@ -147,6 +154,9 @@ class Averager:
         self._groups = self._store.groups  # aliases, read-only
         self._entries = self._store.entries
         self._binder = Binder(self._store)
+        # other names of tied tracked tensors (each is tracked once, under its first name)
+        self._tied = ({n: names for n, names in tied_names(model).items() if n in self._store.entries}
+                      if isinstance(model, nn.Module) else {})
         self._executor = make_executor(self._store, self.rules, nonfinite)
         # copied tensors of a module source are read lazily (see sync_copies)
         self._pending_copy: _Binding | None = None
@@ -159,9 +169,12 @@ class Averager:
     def refresh(self) -> None:
         """Forget the source tensors collected from models; the next call collects them again.
 
-        The engine collects a model's tensors once. Moving or casting the whole model is detected;
-        call this after replacing individual tensors (``module.weight = nn.Parameter(...)``,
-        ``param.data = ...``, ``load_state_dict(..., assign=True)`` on part of a model).
+        The engine collects a model's tensors once. Moving or casting the whole model is detected,
+        and so is any assignment of a parameter, buffer or submodule (``module.weight =
+        nn.Parameter(...)``, ``load_state_dict(..., assign=True)``): the next call collects the
+        tensors again and checks their names and shapes. Call this after changing a tensor's
+        storage behind the module's back (``param.data = ...``, ``param.set_(...)``), which is
+        detected only for the first tensor of each (device, dtype) group.
         """
         self._binder.refresh()
 
@@ -215,8 +228,13 @@ class Averager:
         ``state_dict``, ``averaged_tensors``) does this first, so call it only to pin their values
         to this moment (e.g. right after an update).
         """
-        if self._pending_copy is not None:
-            self._executor.copy(self._pending_copy)
+        pending = self._pending_copy
+        if pending is not None:
+            if is_stale(pending):  # a tensor of the module was replaced since: read the new one
+                model = pending.model_ref()
+                if model is not None:
+                    pending = self._pending_copy = self._bind(model)
+            self._executor.copy(pending)
 
     def follow(self, model: nn.Module) -> None:
         """Let copied tensors follow ``model`` from now on, as after an update from it.
@@ -313,15 +331,23 @@ class Averager:
 
         Tensors are fresh copies in each source tensor's own dtype. With ``model``, entries the
         averager does not track (ignored buffers, frozen parameters, excluded names) are filled
-        from it, so the result loads with ``strict=True``.
+        from it, so the result loads with ``strict=True``. Every name of a shared (tied) tensor
+        carries its average (as in ``state_dict()``, those names share one tensor).
         """
         self._require_update()
         out: dict[str, Tensor] = {}
+        tied = self._tied
         if model is not None:
+            if not isinstance(model, nn.Module):
+                raise bad_arg("model", type(model).__name__, "a torch.nn.Module or None")
+            names = state_dict_names(model)
             for k, v in unwrap_model(model).state_dict().items():
-                out[canonical_name(k)] = v.detach().clone()
+                out[names.get(k) or canonical_name(k)] = v.detach().clone()
+            tied = tied_names(model)
         for name, t in self.averaged_tensors(which).items():
-            out[name] = t.detach().to(self._entries[name].dtype, copy=True)
+            out[name] = avg = t.detach().to(self._entries[name].dtype, copy=True)
+            for other in tied.get(name, ()):
+                out[other] = avg
         return out
 
     @torch.no_grad()
