@@ -118,7 +118,8 @@ class Binder:
                 b: _Binding | None = last  # the unwrapped model of the previous update
             else:
                 b = self.bindings.get(id(unwrap_model(source)))
-            if b is not None and _current(b) and b.model_ref() is not None:
+            if (b is not None and (b.generation == _BASE[0] + len(_LOG) or _current(b))
+                    and b.model_ref() is not None):
                 for probe, fp in zip(b.probes, b.fingerprint, strict=True):
                     if probe is not None and probe.data_ptr() != fp:
                         break  # storage replaced (.to(), .half(), load with assign=True)

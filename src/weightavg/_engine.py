@@ -201,7 +201,7 @@ class Averager:
             raise bad_arg("step", step, "a non-negative int")
         elif self.last_step is not None and step < self.last_step:
             raise bad_arg("step", step, f"a step >= the previous update's step {self.last_step}")
-        binding = self._bind(model)
+        binding = self._binder.bind(model)
         since = step - self.last_step if self.last_step is not None else max(step, 1)
         info = UpdateInfo(self.num_updates, step, since)
         weights = {slot: r.weight(info) for slot, r in self.rules.items()}
