@@ -6,8 +6,13 @@ a storage's averages for given per-rule weights, and copies the copied tensors. 
 then runs either a :class:`_Plan` (the binding's update flattened once into torch calls) or the
 general per-group path (conversions, squares, in-place rules).
 
-Another way of executing (e.g. a device-side deferred check that never reads the device from the
-host) is a sibling subclass of :class:`Executor`; :func:`make_executor` picks it.
+Another way of executing is a sibling subclass of :class:`Executor`, picked by :func:`make_executor`
+(the only place that chooses); the :class:`weightavg.Averager` talks to an executor only through
+``execute`` (before which it has computed the per-rule weights and after which it moves its
+counters) and ``copy``. A device-side deferred check (no host read per update) would keep a
+device flag, apply each update as ``where(finite, new, old)`` and report a refusal later; it needs
+one more hook that the Averager calls before any read of the averages (to count or raise), which
+does not exist yet. It can reuse :class:`_Plan` and the scratch of :class:`LocalExecutor`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,11 @@ group (``flat[slot][gi]``) plus one per copied group (``copies[gi]``); every tra
 view into it.
 
 A different kind of storage (e.g. the local shards of DTensor parameters) is a sibling class with
-the same attributes (``groups``, ``entries``, ``all_names``, ``flat``, ``copies``) and methods.
+the same attributes (``groups``, ``entries``, ``all_names``, ``flat``, ``copies``) and methods
+(``views``, ``slot_views``, ``flat_layout``): its entries would describe local shards (shape, numel,
+offset of the shard) and its views wrap them back (e.g. ``DTensor.from_local``); the
+:class:`~weightavg._binding.Binder` then binds each source's local tensor (``to_local()``), and the
+executors run unchanged on local tensors.
 """
 
 from __future__ import annotations
