@@ -219,13 +219,13 @@ class LocalExecutor(Executor):
     @staticmethod
     def _check_plan(plan: _Plan) -> Tensor | float:
         """Sum every checked source (NaN/Inf propagate), each gathered run while it is in cache."""
-        sums = []
+        sums: list[Tensor] = []
         for op in plan.check:
             if op[0] is None:
-                sums.append(op[1].sum(dtype=torch.float32))
+                _probe(op[1], sums)
             else:
                 torch.cat(op[1], out=op[2])
-                sums.append(op[2].sum(dtype=torch.float32))
+                _probe(op[2], sums)
         return _total(sums)
 
     def _gather(
@@ -261,15 +261,16 @@ class LocalExecutor(Executor):
             srcs = binding.srcs[gi]
             span = binding.spans[gi]
             if span is not None:
-                sums.append(span.sum(dtype=torch.float32))
+                _probe(span, sums)
                 continue
             keep = 0 < g.packed_numel <= _SCRATCH
             for chunk in g.chunks:
                 part = self._gather(g, srcs, chunk, binding.flat[gi], staged=keep)
-                sums.append(part.sum(dtype=torch.float32))
+                _probe(part, sums)
             if keep:
                 staged[gi] = self.scratch_for(g.src_device, g.src_dtype, "gather", g.packed_numel)
-            sums.extend(t.sum(dtype=torch.float32) for t in srcs[g.n_packed:])
+            for t in srcs[g.n_packed:]:
+                _probe(t, sums)
         return staged, _total(sums)
 
     def _nonfinite_names(self, binding: _Binding) -> list[str]:
@@ -383,13 +384,27 @@ class LocalExecutor(Executor):
             rule.fn(views, shaped, info.num_averaged)
 
 
+def _probe(t: Tensor, out: list[Tensor]) -> None:
+    """Append 0-d values that are all finite iff every element of ``t`` is, allocating nothing
+    tensor-sized: a sum in ``t``'s own dtype (it accumulates in float32 or wider inside the kernel;
+    ``sum(dtype=float32)`` would first convert the whole tensor), and for float16, whose range a
+    sum of a model's weights can exceed, its minimum and maximum (NaN propagates through both)."""
+    if t.dtype == torch.float16:
+        out.extend(torch.aminmax(t))
+    elif t.is_complex():
+        out.append(torch.view_as_real(t).sum())
+    else:
+        out.append(t.sum())
+
+
 def _total(sums: list[Tensor]) -> Tensor | float:
-    """One value that is finite iff every partial sum is (no host read here)."""
+    """One value that is finite iff every partial value is (no host read here)."""
     if not sums:
         return 0.0
     if len(sums) == 1:
         return sums[0]
-    return torch.stack([s.to(sums[0].device) for s in sums]).sum()
+    dev = sums[0].device
+    return torch.stack([s.to(dev, torch.float64) for s in sums]).sum()
 
 
 def _run(ops: list[_Op], weights: Mapping[str, float]) -> None:
