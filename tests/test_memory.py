@@ -24,17 +24,20 @@ def allocations(fn: Callable[[], Any]) -> list[int]:
     """Sizes in bytes of every allocation ``fn`` makes (the profiler's positive memory events)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    return [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    # self (not inclusive) figures: an allocation is counted once, by the operator that made it
+    return [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
 
 
 def peak_extra(fn: Callable[[], Any]) -> int:
-    """Highest running total of allocations minus frees while ``fn`` runs."""
+    """Highest running total of allocations minus frees while ``fn`` runs (an upper bound: each
+    operator's allocations count from its start, its frees from its end)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    deltas = sorted((e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end, e.self_cpu_memory_usage)
+                    for e in prof.events() if e.self_cpu_memory_usage != 0)
     now = top = 0
-    for e in events:
-        now += e.cpu_memory_usage
+    for _, d in deltas:
+        now += d
         top = max(top, now)
     return top
 
@@ -69,3 +72,113 @@ def test_bf16_check_does_not_upcast_a_big_tensor() -> None:
     avg.update(model)
     avg.update(model)
     assert max(allocations(lambda: avg.update(model)), default=0) <= SMALL_ALLOC
+
+
+# ----------------------------------------------------------------------------- swapped_in
+
+
+def trained_pair(
+    dtype: torch.dtype = torch.float32, avg_dtype: torch.dtype | None = torch.float32
+) -> tuple[nn.Module, wa.Averager]:
+    model = model_of(dtype)
+    avg = wa.Averager(model, rule=wa.ema(0.5), dtype=avg_dtype)
+    for _ in range(3):
+        avg.update(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()
+        model(torch.randn(8, 400).to(dtype))  # moves the BatchNorm statistics
+    return model, avg
+
+
+def test_swapped_in_exchanges_in_place_with_one_chunk_of_extra_memory() -> None:
+    model, avg = trained_pair()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stored = {k: v.clone() for k, v in avg.averaged_tensors().items()}
+
+    def swap() -> None:
+        with avg.swapped_in(model):
+            for k, v in model.state_dict().items():
+                assert torch.equal(v, stored[k]), k
+            assert all(torch.equal(v, stored[k]) for k, v in avg.averaged_tensors().items())
+
+    extra = peak_extra(swap)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert extra <= wa._swap.SWAP_CHUNK * 4 + buffers + SMALL_ALLOC, extra
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert extra < params // 4
+    for k, v in model.state_dict().items():  # exact both ways
+        assert torch.equal(v, before[k]), k
+    for k, v in avg.averaged_tensors().items():
+        assert torch.equal(v, stored[k]), k
+
+
+def test_swapped_in_backs_up_in_the_models_dtype_when_the_average_differs() -> None:
+    model, avg = trained_pair(torch.bfloat16)  # float32 averages of a bf16 model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stored = avg.averaged_tensors()
+    cm = avg.swapped_in(model)
+    extra = peak_extra(cm.__enter__)  # entering: the backup's peak
+    model_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    assert extra <= model_bytes + SMALL_ALLOC, (extra, model_bytes)
+    cm.__exit__(None, None, None)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with avg.swapped_in(model):
+        w = model[0].weight
+        assert torch.equal(w, stored["0.weight"].to(torch.bfloat16))
+    assert torch.equal(model[0].weight, before["0.weight"])
+
+
+def test_swapped_in_restores_on_error_and_keeps_load_from_and_undoes_buffer_changes() -> None:
+    model, avg = trained_pair()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stored = {k: v.clone() for k, v in avg.averaged_tensors().items()}
+    with pytest.raises(KeyError), avg.swapped_in(model):
+        raise KeyError("body failed")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, stored[k]) for k, v in avg.averaged_tensors().items())
+    with avg.swapped_in(model):
+        with torch.no_grad():
+            model[1].running_mean.fill_(7.0)  # a buffer change: undone
+            model[0].weight.mul_(2.0)
+        avg.load_from(model, ["0.weight"])  # kept on purpose: no warning
+        with pytest.raises(wa.StateError, match="swapped_in"):
+            avg.update(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    got = avg.averaged_tensors()
+    assert torch.equal(got["0.weight"], stored["0.weight"] * 2)
+    assert torch.equal(got["1.running_mean"], stored["1.running_mean"])
+
+
+def test_swapped_in_warns_when_the_block_writes_a_parameter() -> None:
+    model, avg = trained_pair()
+    with pytest.warns(RuntimeWarning, match=r"0\.bias"), avg.swapped_in(model), torch.no_grad():
+        model[0].bias.add_(1.0)
+
+
+# ----------------------------------------------------------------------------- inference mode
+
+
+def test_averager_made_and_first_updated_under_inference_mode_keeps_working() -> None:
+    model = model_of(torch.float32)
+    ref = wa.Averager(model, rule=wa.ema(0.5))
+    with torch.inference_mode():
+        avg = wa.Averager(model, rule=wa.ema(0.5))
+        avg.update(model)
+        ref_first = True
+    assert ref_first
+    ref.update(model)
+    for _ in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        avg.update(model)  # outside inference mode: writes the storage and the plan's views
+        ref.update(model)
+    with torch.inference_mode():
+        avg.update(model)
+    ref.update(model)
+    for k, v in ref.averaged_tensors().items():
+        assert torch.equal(avg.averaged_tensors()[k], v), k
+    assert not any(t.is_inference() for t in avg.averaged_tensors().values())

@@ -48,6 +48,7 @@ from ._executor import NonFinitePolicy, make_executor
 from ._names import Source, canonical_name, named_tensors, source_tensors, state_dict_names, tied_names, unwrap_model
 from ._rules import Rule, UpdateInfo
 from ._storage import BufferPolicy, FlatStorage, make_contiguous
+from ._swap import Swap
 
 __all__ = ["Averager", "canonical_name", "make_contiguous", "named_tensors", "unwrap_model"]
 
@@ -146,8 +147,11 @@ class Averager:
                 f"model has {len(meta)} tensor(s) on the meta device ({', '.join(meta[:5])}"
                 f"{', ...' if len(meta) > 5 else ''}), which hold no values; expected a materialised model "
                 "(e.g. call model.to_empty(device=...) and load its weights before building the Averager)")
-        self._store = FlatStorage(tensors, list(self.rules), params=params, include=self.include,
-                                  exclude=self.exclude, buffers=buffers, dtype=dtype, device=self.device)
+        # storage made under torch.inference_mode() (a validation hook) would be inference tensors,
+        # which later updates outside it could not write
+        with torch.inference_mode(False):
+            self._store = FlatStorage(tensors, list(self.rules), params=params, include=self.include,
+                                      exclude=self.exclude, buffers=buffers, dtype=dtype, device=self.device)
         if not self._store.entries:
             raise bad_arg("model", type(model).__name__,
                           "a model with at least one tensor to track (check params/include/exclude)")
@@ -160,6 +164,7 @@ class Averager:
         self._executor = make_executor(self._store, self.rules, nonfinite)
         # copied tensors of a module source are read lazily (see sync_copies)
         self._pending_copy: _Binding | None = None
+        self._swap: tuple[str, Swap] | None = None  # (rule, state) while swapped_in is active
 
     # ------------------------------------------------------------------ binding a source
 
@@ -194,7 +199,13 @@ class Averager:
         Raises:
             MismatchError: the model's tensors do not pair by name/shape with the tracked ones.
             NonFiniteError: the source holds NaN/Inf and ``nonfinite="raise"``.
+            StateError: called inside :meth:`swapped_in` (the average is in the model then).
         """
+        if torch.is_inference_mode_enabled():
+            # views and scratch made under inference mode could not be written outside it later
+            with torch.inference_mode(False):
+                return self.update(model, step=step)
+        self._not_swapped("update()")
         if step is None:
             step = self.step + 1
         elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -256,6 +267,10 @@ class Averager:
             raise bad_arg("which", which, f"one of {sorted(self.rules)}")
         return which
 
+    def _not_swapped(self, what: str, slot: str | None = None) -> None:
+        if self._swap is not None and (slot is None or slot == self._swap[0]):
+            raise StateError(f"{what} inside swapped_in(): the average is in the model until the block exits")
+
     def _require_update(self) -> None:
         if self.num_updates == 0:
             raise StateError("the averager holds no average yet: call update(model) at least once")
@@ -268,7 +283,10 @@ class Averager:
         """
         slot = self._slot(which)
         self.sync_copies()
-        return self._store.views(slot)
+        views = self._store.views(slot)
+        if self._swap is not None and self._swap[0] == slot:
+            return self._swap[1].reads(views)  # exchanged parameters: their average is in the model
+        return views
 
     def flat_layout(self) -> dict[str, tuple[int, int, torch.Size]]:
         """Where each averaged tensor sits in :meth:`flat`'s vector: name -> (start, stop, shape).
@@ -306,6 +324,7 @@ class Averager:
         if model is None:
             self._require_update()
             slot = self._slot(which)
+            self._not_swapped("flat()", slot)
             parts = [self._store.flat[slot][gi] for gi, _ in groups]
         else:
             if which is not None:
@@ -370,20 +389,27 @@ class Averager:
 
         The model keeps its Parameter objects (optimizers and compiled graphs keep working). On
         exit, also when the body raises, every tracked tensor gets its training value back. Changes
-        the body makes to tracked tensors (e.g. :func:`recompute_bn` on running statistics) are
-        undone too; use :meth:`load_from` inside the block to keep them in the average.
+        the body makes to buffers (e.g. :func:`recompute_bn` on running statistics) are undone too;
+        use :meth:`load_from` inside the block to keep them in the average.
+
+        Memory: a parameter whose average has its dtype and device is exchanged with it in place,
+        through one scratch of 64Ki elements (no copy of the model); other tensors (buffers,
+        parameters averaged in another dtype) are backed up in the model's dtype. The block must
+        not write to parameters (a warning says so: their average would take the written value),
+        nor call :meth:`update` (a :class:`StateError`).
         """
         self._require_update()
+        slot = self._slot(which)
+        self._not_swapped("swapped_in()")
         tensors = self._paired(model)
-        backup = {n: t.detach().clone() for n, t in tensors.items()}
+        swap = Swap(tensors, self.averaged_tensors(slot), self._param_names(model))
+        swap.enter()
+        self._swap = (slot, swap)
         try:
-            for name, avg in self.averaged_tensors(which).items():
-                tensors[name].copy_(avg)
             yield model
         finally:
-            with torch.no_grad():
-                for n, t in tensors.items():
-                    t.copy_(backup[n])
+            self._swap = None
+            swap.exit()
 
     @torch.no_grad()
     def load_from(
@@ -406,6 +432,8 @@ class Averager:
         stored = self.averaged_tensors(which)
         for n in names:
             stored[n].copy_(tensors[n])
+        if self._swap is not None and self._swap[0] == self._slot(which):
+            self._swap[1].loaded.update(names)  # exchanged parameters: the model's value stays the average
 
     @torch.no_grad()
     def all_reduce(self, group: Any = None) -> None:
@@ -423,6 +451,7 @@ class Averager:
         if not (dist.is_available() and dist.is_initialized()):
             raise StateError("all_reduce needs an initialised torch.distributed process group")
         self._require_update()
+        self._not_swapped("all_reduce()")
         world = dist.get_world_size(group)
         for slot in self.rules:
             for gi, g in enumerate(self._groups):
@@ -472,6 +501,7 @@ class Averager:
             StateError: not an Averager state, or an unsupported format version.
             MismatchError: different rules (with ``strict``) or different tracked names/shapes.
         """
+        self._not_swapped("load_state_dict()")
         if not isinstance(state, Mapping) or state.get("format") != "weightavg.Averager":
             raise StateError("state is not a weightavg.Averager state_dict (missing 'format' key)")
         version = state.get("format_version")
