@@ -43,8 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from ._binding import Binder, _Binding, is_stale
-from ._errors import ConfigError, MismatchError, StateError, bad_arg, describe_mismatch
-from ._executor import NonFinitePolicy, make_executor
+from ._errors import ConfigError, MismatchError, NonFiniteError, StateError, bad_arg, describe_mismatch
+from ._executor import CheckMode, NonFinitePolicy, make_executor
 from ._names import Source, canonical_name, named_tensors, source_tensors, state_dict_names, tied_names, unwrap_model
 from ._rules import Rule, UpdateInfo
 from ._storage import BufferPolicy, FlatStorage, make_contiguous
@@ -77,8 +77,14 @@ class Averager:
         device: where the averages live (default: with each source tensor); e.g. ``"cpu"``.
         nonfinite: what an update whose source holds NaN/Inf does: ``"raise"`` (default, the
             update is refused with :class:`NonFiniteError`), ``"skip"`` (refused and counted in
-            ``num_skipped``) or ``"allow"`` (no check). The check reads the source once more and,
-            on an accelerator, costs one device-to-host read per update.
+            ``num_skipped``) or ``"allow"`` (no check). The check reads the source once more.
+        check: where the non-finite check is decided: ``"host"`` (each update reads one number
+            from the device and refuses at once, naming the tensors), ``"deferred"`` (the flag
+            stays on the device: the update is applied masked, rules' counters advance on the
+            device, and refusals are reported at the next read of the averager: ``num_updates``,
+            ``num_skipped``, ``state_dict``, ``swapped_in``, exports, ``summary`` or :meth:`settle`),
+            or ``"auto"`` (default: deferred when everything lives on one CUDA device and every
+            rule is a built-in one, host otherwise).
 
     Example:
         >>> import torch, weightavg
@@ -108,6 +114,7 @@ class Averager:
         dtype: torch.dtype | None = torch.float32,
         device: torch.device | str | None = None,
         nonfinite: NonFinitePolicy = "raise",
+        check: CheckMode = "auto",
     ) -> None:
         from ._rules import mean
 
@@ -124,6 +131,8 @@ class Averager:
                 raise bad_arg(f"rule[{slot!r}]" if len(rules) > 1 else "rule", r,
                               "a weightavg rule such as weightavg.mean() or weightavg.ema(0.999)")
         check_options(params=params, buffers=buffers, nonfinite=nonfinite, dtype=dtype)
+        if check not in ("auto", "host", "deferred"):
+            raise bad_arg("check", check, "'auto', 'host' or 'deferred'")
         self.rules: dict[str, Rule] = rules
         self.params = params
         self.include = _patterns("include", include)
@@ -133,9 +142,10 @@ class Averager:
         self.device = torch.device(device) if device is not None else None
         self.nonfinite: NonFinitePolicy = nonfinite
 
-        # counters (Python ints: reading them never synchronises a device)
-        self.num_updates = 0
-        self.num_skipped = 0
+        # counters (Python ints; with the deferred check they are brought up to date by _settle)
+        self._num_updates = 0
+        self._num_skipped = 0
+        self._refused_seen = 0  # refusals the deferred executor had reported at the last settle
         self.step = 0
         self.last_step: int | None = None
 
@@ -161,7 +171,10 @@ class Averager:
         # other names of tied tracked tensors (each is tracked once, under its first name)
         self._tied = ({n: names for n, names in tied_names(model).items() if n in self._store.entries}
                       if isinstance(model, nn.Module) else {})
-        self._executor = make_executor(self._store, self.rules, nonfinite)
+        with torch.inference_mode(False):
+            self._executor = make_executor(self._store, self.rules, nonfinite, check)
+        self.check: CheckMode = "deferred" if self._executor.deferred else "host"
+
         # copied tensors of a module source are read lazily (see sync_copies)
         self._pending_copy: _Binding | None = None
         self._swap: tuple[str, Swap] | None = None  # (rule, state) while swapped_in is active
@@ -206,20 +219,36 @@ class Averager:
             with torch.inference_mode(False):
                 return self.update(model, step=step)
         self._not_swapped("update()")
+        deferred = self._executor.deferred
+        # with the deferred check the last *applied* step is on the device: steps are checked
+        # against the last attempted one
+        previous = self.step if deferred and self.step else self.last_step
         if step is None:
             step = self.step + 1
         elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise bad_arg("step", step, "a non-negative int")
-        elif self.last_step is not None and step < self.last_step:
-            raise bad_arg("step", step, f"a step >= the previous update's step {self.last_step}")
+        elif previous is not None and step < previous:
+            raise bad_arg("step", step, f"a step >= the previous update's step {previous}")
         binding = self._binder.bind(model)
+        if deferred:  # weights and counters are formed on the device
+            self._executor.execute(binding, {}, UpdateInfo(0, step, 0))
+            self._copy_after_update(model, binding)
+            self.step = step
+            return True
         since = step - self.last_step if self.last_step is not None else max(step, 1)
-        info = UpdateInfo(self.num_updates, step, since)
+        info = UpdateInfo(self._num_updates, step, since)
         weights = {slot: r.weight(info) for slot, r in self.rules.items()}
 
         if not self._executor.execute(binding, weights, info):
-            self.num_skipped += 1
+            self._num_skipped += 1
             return False
+        self._copy_after_update(model, binding)
+        self._num_updates += 1
+        self.step = step
+        self.last_step = step
+        return True
+
+    def _copy_after_update(self, model: Source, binding: _Binding) -> None:
         if isinstance(model, nn.Module):
             # copied tensors (integer buffers...) are only read when the average is read: a model
             # with 1000 BatchNorm layers would otherwise spend a third of each update on them
@@ -227,10 +256,55 @@ class Averager:
         else:
             self._pending_copy = None
             self._executor.copy(binding)
-        self.num_updates += 1
-        self.step = step
-        self.last_step = step
-        return True
+
+    # ------------------------------------------------------------------ counters
+
+    @property
+    def num_updates(self) -> int:
+        """Updates applied (snapshots in the average). Settles a deferred check first (see :meth:`settle`)."""
+        self._settle()
+        return self._num_updates
+
+    @num_updates.setter
+    def num_updates(self, value: int) -> None:
+        self._num_updates = value
+
+    @property
+    def num_skipped(self) -> int:
+        """Updates refused because the model held NaN/Inf (``nonfinite="skip"``). Settles first."""
+        self._settle()
+        return self._num_skipped
+
+    @num_skipped.setter
+    def num_skipped(self, value: int) -> None:
+        self._num_skipped = value
+
+    def settle(self) -> None:
+        """Bring the counters up to date and report refused updates now.
+
+        Only does something with the deferred check (``check="deferred"``, the default on CUDA):
+        one device-to-host read of the device counters. Every read of the averager does this first.
+
+        Raises:
+            NonFiniteError: updates were refused since the last settle and ``nonfinite="raise"``
+                (the average skipped them; the counters are up to date when it is raised).
+        """
+        self._settle()
+
+    def _settle(self) -> None:
+        ex = self._executor
+        if not ex.deferred or not ex.pending:  # type: ignore[attr-defined]
+            return
+        n, last, refused, first = ex.settle()  # type: ignore[attr-defined]
+        new = refused - self._refused_seen
+        self._refused_seen = refused
+        self._num_updates = n
+        self.last_step = last
+        self._num_skipped += new
+        if new and self.nonfinite == "raise":
+            raise NonFiniteError(
+                f"{new} update(s) refused since the last read (the first at step {first}): the model held "
+                "NaN or Inf; the average skipped them (pass nonfinite='skip' to count such updates silently)")
 
     def sync_copies(self) -> None:
         """Bring copied tensors (integer buffers, ``buffers="copy"``) up to date now.
@@ -282,6 +356,7 @@ class Averager:
         Writing into these views changes the average.
         """
         slot = self._slot(which)
+        self._settle()
         self.sync_copies()
         views = self._store.views(slot)
         if self._swap is not None and self._swap[0] == slot:
@@ -531,19 +606,25 @@ class Averager:
                 for n, t in averages[slot].items():
                     mine_t[n].copy_(t)
         self._pending_copy = None  # the loaded copies stand until the next update
-        self.num_updates = int(state["num_updates"])
-        self.num_skipped = int(state.get("num_skipped", 0))
+        self._num_updates = int(state["num_updates"])
+        self._num_skipped = int(state.get("num_skipped", 0))
         self.step = int(state["step"])
         ls = state.get("last_step")
         self.last_step = int(ls) if ls is not None else None
+        if self._executor.deferred:
+            self._executor.load_counters(self._num_updates, self.last_step)  # type: ignore[attr-defined]
+            self._refused_seen = 0
 
     def reset(self) -> None:
-        """Forget the average: the next update copies again."""
-        self.num_updates = 0
-        self.num_skipped = 0
+        """Forget the average: the next update copies again (refusals not yet reported are dropped)."""
+        self._num_updates = 0
+        self._num_skipped = 0
         self.step = 0
         self.last_step = None
         self._pending_copy = None
+        if self._executor.deferred:
+            self._executor.load_counters(0, None)  # type: ignore[attr-defined]
+            self._refused_seen = 0
 
     # ------------------------------------------------------------------ describing
 
@@ -568,7 +649,7 @@ class Averager:
         rules = self.rules["default"] if list(self.rules) == ["default"] else self.rules
         return (f"Averager(rule={rules!r}, params={self.params!r}, buffers={self.buffers!r}, "
                 f"dtype={self.dtype}, device={self.device}, nonfinite={self.nonfinite!r}, "
-                f"tracked={len(self._entries)} tensors/{n:,} elements, num_updates={self.num_updates})")
+                f"tracked={len(self._entries)} tensors/{n:,} elements, num_updates={self._num_updates})")
 
 
 def check_options(

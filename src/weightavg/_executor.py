@@ -9,10 +9,9 @@ general per-group path (conversions, squares, in-place rules).
 Another way of executing is a sibling subclass of :class:`Executor`, picked by :func:`make_executor`
 (the only place that chooses); the :class:`weightavg.Averager` talks to an executor only through
 ``execute`` (before which it has computed the per-rule weights and after which it moves its
-counters) and ``copy``. A device-side deferred check (no host read per update) would keep a
-device flag, apply each update as ``where(finite, new, old)`` and report a refusal later; it needs
-one more hook that the Averager calls before any read of the averages (to count or raise), which
-does not exist yet. It can reuse :class:`_Plan` and the scratch of :class:`LocalExecutor`.
+counters) and ``copy``; a ``deferred`` executor (:class:`weightavg._deferred.DeferredExecutor`,
+the device-side check) also has ``settle`` (called before any read of the averages, to report
+refusals), ``load_counters`` and ``clear_averages``.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ._binding import _Binding, is_module_binding
-from ._errors import NonFiniteError
+from ._errors import NonFiniteError, bad_arg
 from ._rules import Rule, UpdateInfo, _Inplace
 from ._storage import FlatStorage, _Group
 
@@ -64,6 +63,9 @@ class _Plan:
 class Executor:
     """Executes updates of one storage. Subclasses implement :meth:`execute` and :meth:`copy`.
 
+    ``deferred`` executors (see :mod:`weightavg._deferred`) learn whether an update was applied
+    only on the device; the Averager then calls their ``settle`` before reading the averages.
+
     Args:
         storage: the storage whose averages are updated.
         rules: slot -> rule (the storage has one flat average per slot).
@@ -74,6 +76,8 @@ class Executor:
         self.storage = storage
         self.rules = dict(rules)
         self.nonfinite: NonFinitePolicy = nonfinite
+
+    deferred = False
 
     def execute(self, binding: _Binding, weights: dict[str, float], info: UpdateInfo) -> bool:
         """Fold ``binding``'s sources into every average with ``weights`` (slot -> weight; 1 copies,
@@ -92,8 +96,36 @@ class Executor:
         raise NotImplementedError
 
 
-def make_executor(storage: FlatStorage, rules: Mapping[str, Rule], nonfinite: NonFinitePolicy) -> Executor:
-    """The executor for this storage and configuration (today always a :class:`LocalExecutor`)."""
+CheckMode = Literal["auto", "host", "deferred"]
+
+
+def make_executor(
+    storage: FlatStorage, rules: Mapping[str, Rule], nonfinite: NonFinitePolicy, check: CheckMode = "auto"
+) -> Executor:
+    """The executor for this storage and configuration (the only place that chooses).
+
+    A :class:`~weightavg._deferred.DeferredExecutor` (the non-finite check stays on the device) when
+    asked (``check="deferred"``), or by default when the averages and sources all live on one CUDA
+    device and every rule has a device form; otherwise a :class:`LocalExecutor` (``"allow"`` needs no
+    check, so it never reads the host either).
+
+    Raises:
+        ConfigError: ``check="deferred"`` with a configuration the deferred check cannot run.
+    """
+    from ._deferred import DeferredExecutor, supports_deferred
+
+    if check == "host" or nonfinite == "allow":
+        return LocalExecutor(storage, rules, nonfinite)
+    devices = {g.dev for g in storage.groups} | {g.src_device for g in storage.groups}
+    unsupported = [s for s, r in rules.items() if not supports_deferred(r)]
+    if check == "deferred":
+        if len(devices) != 1 or unsupported:
+            why = (f"rules {unsupported} (in-place or user-defined rules need the host check)" if unsupported
+                   else f"tensors on several devices {sorted(map(str, devices))}")
+            raise bad_arg("check", check, f"'auto' or 'host' for {why}")
+        return DeferredExecutor(storage, rules, nonfinite)
+    if len(devices) == 1 and next(iter(devices)).type == "cuda" and not unsupported:
+        return DeferredExecutor(storage, rules, nonfinite)
     return LocalExecutor(storage, rules, nonfinite)
 
 
