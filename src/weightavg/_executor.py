@@ -17,7 +17,7 @@ refusals), ``load_counters`` and ``clear_averages``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -305,6 +305,44 @@ class LocalExecutor(Executor):
                 _probe(t, sums)
         return staged, _total(sums)
 
+    def _offloaded(
+        self, gi: int, g: _Group, binding: _Binding, staged: Tensor | None
+    ) -> Iterator[tuple[Tensor, int, int]]:
+        """A CUDA group averaged on the host: (host copy of a piece, start, stop), piece by piece.
+
+        Two pinned buffers alternate: the copy of the next piece is queued (``non_blocking``) before
+        this one is handed out, so the device-to-host transfer overlaps the CPU's arithmetic; each
+        piece waits only for its own copy (an event). Packed sources are gathered on the device first.
+        """
+        srcs = binding.srcs[gi]
+        span = binding.spans[gi]
+        pieces: list[tuple[Any, int, int]] = []
+        if span is None:
+            for chunk in g.chunks:
+                pieces.append((chunk, chunk[2], chunk[3]))
+        pieces += _pieces(g, srcs, span)
+        if not pieces:
+            return
+        size = max(stop - start for _, start, stop in pieces)
+        bufs = [self.scratch_for(g.dev, g.src_dtype, f"offload{i}", size) for i in (0, 1)]
+        events: list[Any] = [None, None]
+
+        def issue(i: int) -> None:
+            what, start, stop = pieces[i]
+            if isinstance(what, tuple):  # a packed chunk: gather on the device
+                what = staged[start:stop] if staged is not None else self._gather(g, srcs, what, binding.flat[gi])
+            bufs[i % 2][: stop - start].copy_(what, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            events[i % 2] = ev
+
+        issue(0)
+        for i, (_, start, stop) in enumerate(pieces):
+            if i + 1 < len(pieces):
+                issue(i + 1)
+            events[i % 2].synchronize()
+            yield bufs[i % 2][: stop - start], start, stop
+
     def _nonfinite_names(self, binding: _Binding) -> list[str]:
         bad = []
         for gi, g in enumerate(self.storage.groups):
@@ -364,6 +402,11 @@ class LocalExecutor(Executor):
             conv.copy_(value, non_blocking=False)
             return conv
 
+        if lerp_slots and g.src_device.type == "cuda" and g.dev.type == "cpu":
+            # offloaded averages: pieces come through pinned buffers, copies overlapping the CPU's work
+            for value, start, stop in self._offloaded(gi, g, binding, staged):
+                apply(value if value.dtype == g.dtype else to_avg_dtype(value), start, stop)
+            lerp_slots = {}
         span = binding.spans[gi]
         if lerp_slots and span is not None:
             # contiguous sources: no gather at all
@@ -414,6 +457,18 @@ class LocalExecutor(Executor):
             views = self.storage.slot_views(slot, gi)
             shaped = [t.view(e.shape) if t.dim() == 1 else t for e, t in zip(g.entries, srcs, strict=True)]
             rule.fn(views, shaped, info.num_averaged)
+
+
+def _pieces(g: _Group, srcs: list[Tensor], span: Tensor | None) -> list[tuple[Tensor, int, int]]:
+    """Big sources (or the span) of a group cut in pieces of at most ``_BIG_CHUNK``: (piece, start, stop)."""
+    out = []
+    whole = [(span, 0)] if span is not None else [
+        (t.reshape(-1), e.offset) for e, t in zip(g.entries[g.n_packed :], srcs[g.n_packed :], strict=True)]
+    for flat, offset in whole:
+        for a in range(0, flat.numel(), _BIG_CHUNK):
+            b = min(a + _BIG_CHUNK, flat.numel())
+            out.append((flat[a:b], offset + a, offset + b))
+    return out
 
 
 def _probe(t: Tensor, out: list[Tensor]) -> None:
