@@ -50,14 +50,16 @@ def model_of(dtype: torch.dtype) -> nn.Module:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("nonfinite", ["raise", "allow"])
+@pytest.mark.parametrize("nonfinite", ["raise", "allow", "deferred"])
 @pytest.mark.parametrize("avg_dtype", [torch.float32, None])
 def test_update_allocates_nothing_tensor_sized(
     dtype: torch.dtype, nonfinite: str, avg_dtype: torch.dtype | None
 ) -> None:
     model = model_of(dtype)
-    avg = wa.Averager(model, rule={"a": wa.ema(0.9), "b": wa.mean()}, nonfinite=nonfinite,  # type: ignore[arg-type]
-                      dtype=avg_dtype)
+    check = "deferred" if nonfinite == "deferred" else "host"  # deferred: the device-side check, run on CPU
+    avg = wa.Averager(model, rule={"a": wa.ema(0.9), "b": wa.mean()},
+                      nonfinite="raise" if check == "deferred" else nonfinite,  # type: ignore[arg-type]
+                      dtype=avg_dtype, check=check)  # type: ignore[arg-type]
     for _ in range(3):  # the first updates copy and allocate the bounded scratch once
         avg.update(model)
     sizes = allocations(lambda: avg.update(model))

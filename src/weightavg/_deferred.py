@@ -39,13 +39,14 @@ import torch
 from torch import Tensor
 
 from ._binding import _Binding, is_module_binding
-from ._executor import _BIG_CHUNK, LocalExecutor, NonFinitePolicy, _probe
+from ._executor import _BIG_CHUNK, _SCRATCH, LocalExecutor, NonFinitePolicy, _probe, _total
 from ._rules import Rule, UpdateInfo, _Custom, _Ema, _EmaWarmup, _Karras, _Mean
-from ._storage import FlatStorage
+from ._storage import FlatStorage, _Group
 
 __all__ = ["DeferredExecutor", "device_weight", "supports_deferred"]
 
 _MAX_PENDING = 32  # custom rules: unsettled updates before the executor settles (one host read)
+_DEVICE_CHUNK = 1 << 24  # elements per masked piece on an accelerator (its scratch: 64 MiB in float32)
 
 # operations of a deferred plan
 _CAT = 0  # (_CAT, sources, out)
@@ -156,8 +157,9 @@ class DeferredExecutor(LocalExecutor):
                 torch.cat(op[1], out=op[2])
             else:
                 _probe(op[1], sums)
-        total = torch.stack([s.to(self.device, torch.float64) for s in sums]).sum() if sums else None
-        ok = torch.isfinite(total) if total is not None else torch.ones((), dtype=torch.bool, device=self.device)
+        total = _total(sums)
+        ok = (torch.isfinite(total) if isinstance(total, Tensor)
+              else torch.ones((), dtype=torch.bool, device=self.device))
         c = self.counters
         n, last = c[0], c[1]
         w: dict[Any, Tensor] = {}
@@ -205,57 +207,85 @@ class DeferredExecutor(LocalExecutor):
         return w
 
     def _masked_plan(self, binding: _Binding) -> tuple[list[_Op], list[_Op]]:
-        """The binding's check and masked update as operation lists (built once per binding)."""
+        """The binding's check and masked update as operation lists (built once per binding).
+
+        Packed sources are gathered once, during the check, into a scratch holding the whole packed
+        region when it fits (≤ 1Mi elements), and the update reads them there. The masked update
+        runs in pieces of :data:`_BIG_CHUNK` elements on CPU (each stays in cache between its lerp
+        and its select) and of :data:`_DEVICE_CHUNK` on an accelerator (few kernel launches); the
+        scratch of a piece is the only memory it needs.
+        """
         got = self.plans.get(id(binding))
         if got is not None and got[0]() is binding:
             return got[1], got[2]
+        on_cpu = self.device.type == "cpu"
+        piece = _BIG_CHUNK if on_cpu else _DEVICE_CHUNK
         check: list[_Op] = []
         apply: list[_Op] = []
+        squares = any(r.power == 2 for r in self.rules.values())
         for gi, g in enumerate(self.storage.groups):
             if not g.averaged:
                 continue
             srcs = binding.srcs[gi]
             store = {slot: flat[gi] for slot, flat in self.storage.flat.items()}
-            probed = g.src_dtype.is_floating_point or g.src_dtype.is_complex
-            pieces: list[tuple[list[_Op], Tensor, int, int]] = []  # (ops producing value, value, start, stop)
+            pieces: list[tuple[Tensor, int, int]] = []  # (value, start, stop)
             span = binding.spans[gi]
+            sources: list[tuple[Tensor, int]] = []
             if span is not None:
-                whole = [(span, 0)]
+                sources.append((span, 0))
+                check.append((_PROBE, span))
             else:
-                for lo, hi, start, stop in g.chunks:
-                    part = srcs[lo:hi]
-                    if not binding.flat[gi]:
-                        part = [t.reshape(-1) for t in part]
-                    buf = self.scratch_for(g.src_device, g.src_dtype, "gather", stop - start)
-                    pieces.append(([(_CAT, part, buf)], buf, start, stop))
-                whole = [(t.reshape(-1), e.offset) for e, t in zip(g.entries[g.n_packed :], srcs[g.n_packed :],
-                                                                    strict=True)]
-            for flat_src, offset in whole:
-                for a in range(0, flat_src.numel(), _BIG_CHUNK):
-                    b = min(a + _BIG_CHUNK, flat_src.numel())
-                    pieces.append(([], flat_src[a:b], offset + a, offset + b))
-            for ops, value, start, stop in pieces:
-                if probed:
-                    check += [*ops, (_PROBE, value)]
-                apply += ops
-                if not g.direct:
-                    conv = self.scratch_for(g.dev, g.dtype, "convert", stop - start)
-                    apply.append((_CONV, value, conv))
-                    value = conv
-                sq = None
-                if any(r.power == 2 for r in self.rules.values()):
-                    sq = self.scratch_for(g.dev, g.dtype, "square", stop - start)
-                    apply.append((_SQ, value, sq))
-                tmp = self.scratch_for(g.dev, g.dtype, "masked", stop - start)
-                for slot, dst in store.items():
-                    v = sq if self.rules[slot].power == 2 and sq is not None else value
-                    if g.dtype in _HALF:
-                        a32 = self.scratch_for(g.dev, torch.float32, "masked", stop - start)
-                        b32 = self.scratch_for(g.dev, torch.float32, "masked value", stop - start)
-                        apply.append((_MLERP_HALF, (slot, torch.float32), dst[start:stop], v, tmp, a32, b32))
-                    else:
-                        apply.append((_MLERP, (slot, g.dtype), dst[start:stop], v, tmp))
+                flat_srcs = binding.flat[gi]
+                if 0 < g.packed_numel <= _SCRATCH:
+                    whole = self.scratch_for(g.src_device, g.src_dtype, "staged", g.packed_numel)
+                    for lo, hi, start, stop in g.chunks:
+                        part = srcs[lo:hi] if flat_srcs else [t.reshape(-1) for t in srcs[lo:hi]]
+                        check.append((_CAT, part, whole[start:stop]))
+                        if on_cpu:  # while the run is in cache
+                            check.append((_PROBE, whole[start:stop]))
+                    if not on_cpu:
+                        check.append((_PROBE, whole))
+                    sources.append((whole, 0))
+                else:  # too many small tensors to keep: gathered again for the update
+                    for lo, hi, start, stop in g.chunks:
+                        part = srcs[lo:hi] if flat_srcs else [t.reshape(-1) for t in srcs[lo:hi]]
+                        buf = self.scratch_for(g.src_device, g.src_dtype, "gather", stop - start)
+                        check += [(_CAT, part, buf), (_PROBE, buf)]
+                        apply.append((_CAT, part, buf))
+                        self._masked_ops(apply, g, store, buf, start, stop, squares)
+                for e, t in zip(g.entries[g.n_packed :], srcs[g.n_packed :], strict=True):
+                    flat = t.reshape(-1)
+                    check.append((_PROBE, flat))
+                    sources.append((flat, e.offset))
+            for flat, offset in sources:
+                for a in range(0, flat.numel(), piece):
+                    b = min(a + piece, flat.numel())
+                    pieces.append((flat[a:b], offset + a, offset + b))
+            for value, start, stop in pieces:
+                self._masked_ops(apply, g, store, value, start, stop, squares)
         if is_module_binding(binding):  # a mapping's binding lives for one update
             self.plans = {k: v for k, v in self.plans.items() if v[0]() is not None}
             self.plans[id(binding)] = (weakref.ref(binding), check, apply)
         return check, apply
+
+    def _masked_ops(self, apply: list[_Op], g: _Group, store: dict[str, Tensor], value: Tensor,
+                    start: int, stop: int, squares: bool) -> None:
+        """Append the masked update of ``store[slot][start:stop]`` by ``value`` for every rule."""
+        n = stop - start
+        if not g.direct:
+            conv = self.scratch_for(g.dev, g.dtype, "convert", n)
+            apply.append((_CONV, value, conv))
+            value = conv
+        sq = None
+        if squares:
+            sq = self.scratch_for(g.dev, g.dtype, "square", n)
+            apply.append((_SQ, value, sq))
+        tmp = self.scratch_for(g.dev, g.dtype, "masked", n)
+        for slot, dst in store.items():
+            v = sq if self.rules[slot].power == 2 and sq is not None else value
+            if g.dtype in _HALF:
+                a32 = self.scratch_for(g.dev, torch.float32, "masked", n)
+                b32 = self.scratch_for(g.dev, torch.float32, "masked value", n)
+                apply.append((_MLERP_HALF, (slot, torch.float32), dst[start:stop], v, tmp, a32, b32))
+            else:
+                apply.append((_MLERP, (slot, g.dtype), dst[start:stop], v, tmp))

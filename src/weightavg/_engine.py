@@ -11,7 +11,10 @@ The engine is split along its seams:
 - :mod:`weightavg._binding`: a source bound to the storage (:class:`~weightavg._binding.Binder`:
   pairing by name, caching, storage-change detection).
 - :mod:`weightavg._executor`: how an update runs (:class:`~weightavg._executor.LocalExecutor`:
-  check, plans, per-group arithmetic).
+  check on the host, plans, per-group arithmetic; :func:`~weightavg._executor.make_executor` chooses).
+- :mod:`weightavg._deferred`: the sibling executor whose non-finite check stays on the device
+  (masked updates, device counters, refusals reported when the Averager settles before a read).
+- :mod:`weightavg._swap`: putting an average into a live model and back (in-place exchange).
 - here: :class:`Averager`, which owns the rules, the counters and the state, and reads the averages
   (swap, copy, export, all-reduce, checkpoints).
 

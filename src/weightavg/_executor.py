@@ -490,8 +490,14 @@ def _total(sums: list[Tensor]) -> Tensor | float:
         return 0.0
     if len(sums) == 1:
         return sums[0]
+    # one stack per (dtype, device), summed in float64 (float16 minima/maxima would overflow a
+    # float16 sum): a few kernels whatever the number of partial values
+    by: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for v in sums:
+        by.setdefault((v.dtype, v.device), []).append(v)
     dev = sums[0].device
-    return torch.stack([s.to(dev, torch.float64) for s in sums]).sum()
+    parts = [torch.stack(vs).to(dev, torch.float64).sum() for vs in by.values()]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
 def _run(ops: list[_Op], weights: Mapping[str, float]) -> None:
