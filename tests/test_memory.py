@@ -101,11 +101,14 @@ def test_swapped_in_exchanges_in_place_with_one_chunk_of_extra_memory() -> None:
 
     def swap() -> None:
         with avg.swapped_in(model):
-            for k, v in model.state_dict().items():
-                assert torch.equal(v, stored[k]), k
-            assert all(torch.equal(v, stored[k]) for k, v in avg.averaged_tensors().items())
+            pass
 
     extra = peak_extra(swap)
+    with avg.swapped_in(model):
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, stored[k]), k
+        inside = avg.state_dict()["averages"]["default"]  # copies: still right after the block
+    assert all(torch.equal(v, stored[k]) for k, v in inside.items())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     assert extra <= wa._swap.SWAP_CHUNK * 4 + buffers + SMALL_ALLOC, extra
     params = sum(p.numel() * 4 for p in model.parameters())

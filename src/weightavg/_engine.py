@@ -508,10 +508,12 @@ class Averager:
         if unknown:
             raise bad_arg("names", unknown[:10], "canonical names tracked by this averager")
         stored = self.averaged_tensors(which)
+        swap = self._swap[1] if self._swap is not None and self._swap[0] == self._slot(which) else None
         for n in names:
-            stored[n].copy_(tensors[n])
-        if self._swap is not None and self._swap[0] == self._slot(which):
-            self._swap[1].loaded.update(names)  # exchanged parameters: the model's value stays the average
+            if swap is not None and n in swap.exchanged_set:
+                swap.loaded.add(n)  # the average is in the model: it stays there on exit
+            else:
+                stored[n].copy_(tensors[n])
 
     @torch.no_grad()
     def all_reduce(self, group: Any = None) -> None:

@@ -36,13 +36,14 @@ class Swap:
         self.model = model
         self.stored = stored
         self.exchanged = [n for n in model if n in exchange and _exchangeable(model[n], stored[n])]
+        self.exchanged_set = set(self.exchanged)
         self.loaded: set[str] = set()  # names that load_from wrote on purpose
         self.backup: dict[str, Tensor] = {}
         self.versions: dict[str, int] = {}
 
     @torch.no_grad()
     def enter(self) -> None:
-        ex = set(self.exchanged)
+        ex = self.exchanged_set
         for n, t in self.model.items():
             if n not in ex:
                 self.backup[n] = t.detach().clone()
@@ -78,11 +79,12 @@ class Swap:
                 RuntimeWarning, stacklevel=3)
 
     def reads(self, stored: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``stored`` (views of the swapped rule's averages) with each exchanged name pointing to
-        where its average is now: the model's tensor."""
+        """``stored`` (views of the swapped rule's averages) with each exchanged name holding a copy of
+        where its average is now, the model's tensor (a copy: the model gets its training value back
+        on exit, and a state dict taken inside the block may be saved after it)."""
         out = dict(stored)
         for n in self.exchanged:
-            out[n] = self.model[n].detach()
+            out[n] = self.model[n].detach().clone()
         return out
 
 
