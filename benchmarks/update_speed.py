@@ -524,8 +524,10 @@ def cuda_main(args: argparse.Namespace) -> int:
     the update call (launching), measured over the same updates with no synchronisation between them.
     """
     dev = torch.device(args.device)
+    if dev.index is None:
+        dev = torch.device(dev.type, torch.cuda.current_device())
     torch.cuda.set_device(dev)
-    props = torch.cuda.get_device_properties(dev)
+    props = torch.cuda.get_device_properties(dev.index)
     peak = args.peak_gbs
     print(f"# weightavg update speed on {props.name}: torch {torch.__version__}, "
           f"peak bandwidth {f'{peak:.0f} GB/s (--peak-gbs)' if peak else 'not given (pass --peak-gbs)'}\n")
@@ -547,7 +549,8 @@ def cuda_main(args: argparse.Namespace) -> int:
         (f"4 big tensors, {n:.0e}", lambda n=n: big_tensors(n)) for n in sizes]
     shapes.append(("~3000 small tensors, 1M", lambda: small_tensors(1_000_000)))
     for title, build in shapes:
-        model = build().to(dev)
+        with torch.device(dev):  # built on the device: initialising 1e9 parameters on the CPU is slow
+            model = build()
         n = float_numel(model)
         print(f"\n## {title}: {n:,} averaged elements\n")
         print("| implementation | ms/update (GPU) | GB/s | % of peak | CPU ms/update (launch) |")
