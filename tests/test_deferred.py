@@ -166,3 +166,17 @@ def test_check_option_is_validated_and_chosen() -> None:
         wa.Averager(model, check="device")  # type: ignore[arg-type]
     with pytest.raises(wa.ConfigError, match=r"check.*in-place"):
         wa.Averager(model, rule=wa.inplace(lambda a, n, k: None), check="deferred")
+
+
+def test_accelerator_layout_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the plan an accelerator gets (whole-region probe, large pieces), cut small to have several
+    monkeypatch.setattr(_deferred, "_cpu_layout", lambda device: False)
+    monkeypatch.setattr(_deferred, "_DEVICE_CHUNK", 50_000)
+    rules = {k: f() for k, f in RULES.items()}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = make_model(dtype)
+        dev = wa.Averager(model, rule=rules, nonfinite="skip", check="deferred")
+        ref = wa.Averager(model, rule=rules, nonfinite="skip", check="host")
+        drive(model, [dev, ref], 6, {2, 3})
+        assert dev.num_skipped == 2
+        assert_same(dev, ref)

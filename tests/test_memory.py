@@ -187,3 +187,13 @@ def test_averager_made_and_first_updated_under_inference_mode_keeps_working() ->
     for k, v in ref.averaged_tensors().items():
         assert torch.equal(avg.averaged_tensors()[k], v), k
     assert not any(t.is_inference() for t in avg.averaged_tensors().values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_to_and_load_from_allocate_nothing_tensor_sized(dtype: torch.dtype) -> None:
+    model, avg = trained_pair(dtype)
+    avg.averaged_tensors()  # copied tensors synchronised once
+    assert max(allocations(lambda: avg.copy_to(model)), default=0) <= SMALL_ALLOC
+    assert max(allocations(lambda: avg.load_from(model)), default=0) <= SMALL_ALLOC
+    for k, v in avg.averaged_tensors().items():
+        assert torch.equal(model.state_dict()[k], v.to(dtype)), k

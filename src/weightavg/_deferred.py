@@ -88,6 +88,11 @@ def device_weight(rule: Rule, n: Tensor, last: Tensor, step: int) -> Tensor:
     raise TypeError(f"no device form for {rule!r}")
 
 
+def _cpu_layout(device: torch.device) -> bool:
+    """Whether plans are laid out for a CPU's caches (small pieces) or an accelerator's launches."""
+    return device.type == "cpu"
+
+
 class DeferredExecutor(LocalExecutor):
     """Checks, weighs and applies updates on the device; reports refusals when settled.
 
@@ -218,7 +223,7 @@ class DeferredExecutor(LocalExecutor):
         got = self.plans.get(id(binding))
         if got is not None and got[0]() is binding:
             return got[1], got[2]
-        on_cpu = self.device.type == "cpu"
+        on_cpu = _cpu_layout(self.device)
         piece = _BIG_CHUNK if on_cpu else _DEVICE_CHUNK
         check: list[_Op] = []
         apply: list[_Op] = []
