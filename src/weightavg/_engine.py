@@ -210,11 +210,15 @@ class Averager:
                 on time (``half_life``, ``karras_ema``, warmup) use it; default: previous step + 1.
 
         Returns:
-            True if the update was applied, False if it was skipped (``nonfinite="skip"``).
+            True if the update was applied, False if it was skipped (``nonfinite="skip"``). With
+            the deferred check (``check="deferred"``, the default on CUDA) always True: the update
+            is applied on the device unless the source holds NaN/Inf, which is reported (raised or
+            counted) at the next read of the averager.
 
         Raises:
             MismatchError: the model's tensors do not pair by name/shape with the tracked ones.
-            NonFiniteError: the source holds NaN/Inf and ``nonfinite="raise"``.
+            NonFiniteError: the source holds NaN/Inf and ``nonfinite="raise"`` (host check only;
+                deferred refusals are reported by reads, see :meth:`settle`).
             StateError: called inside :meth:`swapped_in` (the average is in the model then).
         """
         if torch.is_inference_mode_enabled():
