@@ -33,8 +33,10 @@ def docs_namespace() -> dict[str, Any]:
         m.train()
         return acc
 
-    def train_one_epoch(m: nn.Module, *args: Any, **kwargs: Any) -> None:
-        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    def train_one_epoch(m: nn.Module, opt: Any = None, *args: Any, **kwargs: Any) -> None:
+        """One pass over the batches with ``opt`` (a fresh SGD when none is given)."""
+        if not isinstance(opt, torch.optim.Optimizer):
+            opt = torch.optim.SGD(m.parameters(), lr=0.05)
         m.train()
         for x, y in batches:
             opt.zero_grad()
