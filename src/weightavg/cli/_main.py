@@ -42,8 +42,9 @@ examples:
   weightavg demo --json > result.json   # machine-readable result on stdout
 
 SGD and each method share a seed's initial weights and batch order; SWA branches off the SGD run
-after half of the epochs (--swa-start). The table gives mean ± std over seeds, the paired difference to SGD and its
-paired t-test p-value. Files: results.md, results.json and PNG plots (with matplotlib).
+after half of the epochs (--swa-start). The table gives mean ± std over seeds, the paired
+difference to SGD and its paired t-test p-value. Files: results.md and results.json (written
+first), then PNG plots (with matplotlib). --out is checked before any training.
 """
 
 _AVERAGE_EXAMPLES = """\

@@ -404,8 +404,9 @@ def _error_figure(result: DemoResult) -> Any:
         if spans[i]:
             ax.set_ylim(*_limits(spans[i], floor=0.5 if i == 0 else 0.2))
         ax.axvline(S + 0.5, color="grey", lw=0.8, ls=":", label=f"SWA start (after epoch {S})")
-        ax.text(S + 0.5, 0.98, " SWA start", va="top", ha="left", fontsize=8, color="grey",
-                transform=ax.get_xaxis_transform())
+        if i == 1:  # the main panel's legend names the line
+            ax.text(S + 0.5, 0.98, " SWA start", va="top", ha="left", fontsize=8, color="grey",
+                    transform=ax.get_xaxis_transform())
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test error (%)")
