@@ -42,9 +42,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,6 +61,7 @@ except ModuleNotFoundError as _err:  # name the extra, not just the missing modu
         "installed): pip install 'weightavg[transformers]'", name=_err.name) from None
 
 from ._errors import ConfigError, StateError, bad_arg
+from ._files import atomic_output, load_torch_untrusted
 from ._policy import EMA as _EMAPolicy
 from ._policy import SWA as _SWAPolicy
 from ._policy import AveragingPolicy
@@ -365,7 +366,7 @@ class WeightAveragingMixin(_TrainerBase):
                 f"checkpoint {resume_from_checkpoint!r} has no {STATE_NAME}: it was not written with "
                 "weight averaging, so the averages cannot continue exactly. To start averaging afresh "
                 "from its weights, load them into the model and call train() without resume_from_checkpoint")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_untrusted(Path(path))  # weights_only, the torch floor, one-line errors
         if not isinstance(state, Mapping) or state.get("format") != FORMAT:
             raise StateError(f"{path} is not a weightavg.transformers state (missing 'format' key)")
         version = state.get("format_version")
@@ -515,17 +516,7 @@ def _replaced(obj: Any, name: str, value: Any) -> Iterator[None]:
 
 
 def _atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (permissions
-    follow the umask, as for the Trainer's own files)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` through the shared atomic writer (a temporary sibling, fsync, one rename;
+    permissions follow the umask, as for the Trainer's own files)."""
+    with atomic_output(Path(path), force=True) as tmp:
+        torch.save(obj, tmp)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ from typing import Any
 import torch
 
 from .. import __version__, metrics
+from .._files import atomic_output
 from ._run import DemoResult
 from ._stats import mean_std
 
@@ -41,22 +39,9 @@ _METRICS = (("accuracy", "Acc. %", 100.0, 1), ("nll", "NLL", 1.0, 3), ("ece", "E
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` through the shared atomic writer (replacing the demo's own file)."""
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_bytes(data)
 
 
 def _fmt_p(p: float) -> str:
