@@ -2,7 +2,8 @@
 
     results = run_ranks(_worker, 3, tmp_path, extra_arg)   # _worker(rank, world, extra_arg) -> Any
 
-``_worker`` must be a module-level function (spawned processes import it by name); it runs with
+``_worker`` must be a module-level function (with ``start_method="spawn"`` the processes import it
+by name); it runs in forked processes by default, with
 an initialised gloo process group (file store under the given directory: no port to pick) and
 ``torch.set_num_threads(1)``. Its return value comes back through ``torch.save``/``torch.load
 (weights_only=True)``: tensors, numbers, strings, lists, tuples and dicts. An exception on any
@@ -63,7 +64,7 @@ def _entry(rank: int, world: int, workdir: str, fn: Callable[..., Any], args: tu
 
 def run_ranks(
     fn: Callable[..., Any], world: int, workdir: str | os.PathLike[str], *args: Any,
-    timeout: float = 120.0, grace: float = 10.0,
+    timeout: float = 120.0, grace: float = 10.0, start_method: str = "fork",
 ) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo processes; return each rank's result.
 
@@ -73,6 +74,8 @@ def run_ranks(
         workdir: an empty directory for the file store and the results (e.g. pytest's tmp_path).
         timeout: seconds for the whole run; then every process is killed and RankTimeout raised.
         grace: seconds the other ranks get to finish once one rank has failed.
+        start_method: "fork" (default: no re-import of torch per process, seconds faster on a
+            loaded machine; the parent must not hold a process group) or "spawn".
 
     Raises:
         RankError: a rank raised (traceback of each failing rank in the message).
@@ -85,7 +88,7 @@ def run_ranks(
     for p in [*wd.glob("error*.txt"), wd / "store"]:
         if p.exists():
             p.unlink()
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(start_method)
     procs = [ctx.Process(target=_entry, args=(r, world, str(wd), fn, args), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
