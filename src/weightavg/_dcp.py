@@ -22,7 +22,7 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -278,7 +278,9 @@ def _read_chunk(f: IO[bytes], info: DCPTensorInfo, chunk: tuple[Any, ...], where
     try:
         t = torch.load(io.BufferedReader(_FileSlice(f, start, length)), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise _checkpoint_error(f"{where}: tensor {info.name!r}: unreadable chunk ({type(err).__name__}: {err})") from err
+        raise _checkpoint_error(
+            f"{where}: tensor {info.name!r}: unreadable chunk ({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(t, Tensor) or tuple(t.shape) != tuple(sizes) or t.dtype != info.dtype:
         got = f"{t.dtype} {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
         raise _checkpoint_error(
@@ -308,7 +310,7 @@ def _assemble(root: Path, info: DCPTensorInfo, files: dict[str, IO[bytes]]) -> T
 
 def iter_dcp_tensors(
     path: str | os.PathLike[str], *, prefix: str = "", names: list[str] | None = None
-) -> Iterator[tuple[str, Tensor]]:
+) -> Generator[tuple[str, Tensor], None, None]:
     """Yield ``(name, tensor)`` for each tensor of a DCP checkpoint, whole, one at a time.
 
     Each tensor is assembled from the chunks every rank wrote (uneven shards, any number of
@@ -403,7 +405,7 @@ def _write_safetensors(
             assert name == info.name
             t = t.to(dtypes[name]).contiguous()
             if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
             del t
         f.flush()
         os.fsync(f.fileno())

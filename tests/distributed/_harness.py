@@ -57,7 +57,7 @@ def _entry(rank: int, world: int, workdir: str, fn: Callable[..., Any], args: tu
         finally:
             dist.destroy_process_group()
         torch.save({"result": result}, out / f"result{rank}.pt")
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+    except BaseException:  # reported to the parent, which raises
         (out / f"error{rank}.txt").write_text(traceback.format_exc())
         raise SystemExit(1) from None
 
