@@ -207,7 +207,7 @@ def test_a_corrupt_chunk_is_a_clear_error_and_writes_nothing(ckpt, tmp_path) -> 
     start = info.chunks[0][3]
     raw[start : start + 4] = b"\x80\x02}q"  # a pickle where a torch.save record should be
     data.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match=r"'averages\.default\.net\.1\.weight': chunk is not a torch\.save record"):
+    with pytest.raises(CheckpointError, match=r"'averages\.default\.net\.1\.weight': chunk is not a torch\.save"):
         export_dcp(ckpt, tmp_path / "o.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
