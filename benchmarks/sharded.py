@@ -173,7 +173,8 @@ def measure(update: Callable[[], Any], reps: int) -> dict[str, Any]:
         update()
         times.append(time.perf_counter() - t0)
     calls = 0
-    real = dist.all_reduce, dist.all_gather_into_tensor, dist.all_gather, dist.broadcast
+    names = ("all_reduce", "all_gather_into_tensor", "all_gather", "broadcast", "reduce_scatter_tensor")
+    real = {n: getattr(dist, n) for n in names}
 
     def counting(f: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*a: Any, **k: Any) -> Any:
@@ -182,13 +183,15 @@ def measure(update: Callable[[], Any], reps: int) -> dict[str, Any]:
             return f(*a, **k)
         return wrapped
 
-    dist.all_reduce, dist.all_gather_into_tensor, dist.all_gather, dist.broadcast = map(counting, real)  # type: ignore[assignment]
+    for n in names:
+        setattr(dist, n, counting(real[n]))
     try:
         mode = CommDebugMode()
         with mode:
             update()
     finally:
-        dist.all_reduce, dist.all_gather_into_tensor, dist.all_gather, dist.broadcast = real  # type: ignore[assignment]
+        for n in names:
+            setattr(dist, n, real[n])
     with FreshAllocations() as rec:
         update()
     return {"ms": statistics.median(times) * 1e3, "comms": calls + mode.get_total_counts(),
