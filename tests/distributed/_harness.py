@@ -133,7 +133,8 @@ def full_state(model: nn.Module) -> dict[str, Tensor]:
     out = {}
     for k, v in model.state_dict().items():
         v = v.detach()
-        out[k] = v.full_tensor() if isinstance(v, DTensor) else v.clone()
+        # full_tensor() of a Replicate() DTensor returns its local tensor itself (an alias): clone
+        out[k] = (v.full_tensor() if isinstance(v, DTensor) else v).clone()
     return out
 
 

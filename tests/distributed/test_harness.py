@@ -15,8 +15,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ._harness import RankError, RankTimeout, count_collectives, full_state, reference_averages, run_ranks
 
@@ -65,18 +67,29 @@ def test_a_hang_fails_at_the_timeout(tmp_path) -> None:
 # ----------------------------------------------------------------------------- FSDP2 facts
 
 
-def _model() -> nn.Module:
+def _model(hidden: int = 5) -> nn.Module:
     torch.manual_seed(0)
     # dim 0 of 5 and 2 over 2 or 3 ranks: uneven shards; Linear(5, 2) on 3 ranks: rank 2 empty
-    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    return nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 2))
 
 
-def _fsdp_local_average(rank: int, world: int) -> dict[str, object]:
-    """Train an FSDP2 model; keep an EMA of the local shards only (the design the engine adopts)."""
-    model = _model()
-    fully_shard(model[0])
-    fully_shard(model[2])
-    fully_shard(model)
+def _shard(model: nn.Module, kind: str, world: int) -> nn.Module:
+    if kind == "fsdp":
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+    elif kind == "hsdp":  # 2-D mesh: replicate over 2 groups, shard within each
+        fully_shard(model, mesh=init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard")))
+    else:  # tensor parallel: colwise then rowwise (Shard(0), Shard(1), a Replicate() bias)
+        parallelize_module(model, init_device_mesh("cpu", (world,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    return model
+
+
+def _fsdp_local_average(rank: int, world: int, kind: str = "fsdp") -> dict[str, object]:
+    """Train a sharded model; keep an EMA of the local shards only (the design the engine adopts)."""
+    # tensor parallel needs the hidden width divisible by the world (an uneven one fails in
+    # torch's sharding propagation of the rowwise matmul)
+    model = _shard(_model(6 if kind == "tp" else 5), kind, world)
     params = dict(model.named_parameters())
     locals_ = {n: p.to_local() for n, p in params.items()}  # taken once, before any step
     ptrs = {n: t.data_ptr() for n, t in locals_.items()}
@@ -107,6 +120,7 @@ def _fsdp_local_average(rank: int, world: int) -> dict[str, object]:
                                  run_check=False) for n, p in params.items()}
     return {
         "local_shapes": {n: list(t.shape) for n, t in locals_.items()},
+        "placements": {n: str(p.placements) for n, p in params.items()},
         "ptr_stable": all(params[n].to_local().data_ptr() == ptrs[n] for n in params),
         "comm_per_update": comm,
         "gather_comm": sum(gather_counts.values()),
@@ -145,3 +159,50 @@ def _count_plain(rank: int, world: int) -> dict[str, int]:
     with count_collectives() as none:
         torch.ones(3).mul_(2)
     return {"all_reduce": c["dist.all_reduce"], "none": sum(none.values())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "world"), [("hsdp", 4), ("tp", 3)])
+def test_local_shard_average_hsdp_and_tensor_parallel(tmp_path, kind: str, world: int) -> None:
+    import weightavg as wa
+
+    res = run_ranks(_fsdp_local_average, world, tmp_path, kind)
+    if kind == "hsdp":
+        assert res[0]["placements"]["0.weight"] == "(Replicate(), Shard(dim=0))"
+        assert [r["local_shapes"]["0.weight"][0] for r in res] == [3, 2, 3, 2]  # replicas hold equal shards
+    else:
+        assert res[0]["placements"]["2.weight"] == "(Shard(dim=1),)"
+        assert res[0]["placements"]["2.bias"] == "(Replicate(),)"
+        assert [r["local_shapes"]["2.weight"] for r in res] == [[2, 2]] * 3
+    for r in res:
+        assert r["ptr_stable"] and r["comm_per_update"] == [0, 0, 0]
+    ref = reference_averages(_model(6 if kind == "tp" else 5), res[0]["snapshots"],
+                             rule={"ema": wa.ema(0.5)})["ema"]
+    for r in res:
+        for n, t in ref.items():
+            torch.testing.assert_close(r["full_avg"][n], t, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def _unsharded_root(rank: int, world: int) -> dict[str, object]:
+    """The pitfall swapped_in/copy_to must handle: a single-unit root stays unsharded after an eval
+    forward, so a write into the local shards is not seen until reshard()."""
+    model = nn.Sequential(nn.Linear(4, 5))
+    fully_shard(model)
+    assert isinstance(model, FSDPModule)
+    locals_ = [model[0].weight.to_local(), model[0].bias.to_local()]
+    x = torch.ones(1, 4)
+    with torch.no_grad():
+        before = model(x)
+        plain_after_eval = type(model[0].weight) is not DTensor
+        for t in locals_:
+            t.zero_()  # like copy_to writing the average into the shards
+        stale = model(x)  # still the old unsharded weights
+        model.reshard()
+        fresh = model(x)
+    return {"plain_after_eval": plain_after_eval, "stale_equal_before": torch.equal(stale, before),
+            "fresh_zero": bool((fresh == 0).all())}
+
+
+def test_fsdp2_root_stays_unsharded_after_eval_forward_until_reshard(tmp_path) -> None:
+    for r in run_ranks(_unsharded_root, 2, tmp_path):
+        assert r == {"plain_after_eval": True, "stale_equal_before": True, "fresh_zero": True}
