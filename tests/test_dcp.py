@@ -212,6 +212,22 @@ def test_a_corrupt_chunk_is_a_clear_error_and_writes_nothing(ckpt, tmp_path) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_tensors_are_read_lazily_one_at_a_time(ckpt) -> None:
+    # the last tensor's chunk is corrupt: every tensor before it still comes out, the error only
+    # when the stream reaches it (nothing is read ahead)
+    info = read_dcp_metadata(ckpt, prefix="averages.default.")
+    last = list(info)[-1]
+    data = ckpt / info[last].chunks[0][2]
+    raw = bytearray(data.read_bytes())
+    raw[info[last].chunks[0][3]] = 0
+    data.write_bytes(bytes(raw))
+    stream = iter_dcp_tensors(ckpt, prefix="averages.default.")
+    got = [next(stream)[0] for _ in range(len(info) - 1)]
+    assert got == list(info)[:-1]
+    with pytest.raises(CheckpointError, match=last):
+        next(stream)
+
+
 def test_bad_arguments_name_the_argument(ckpt, tmp_path) -> None:
     import weightavg as wa
 

@@ -36,7 +36,7 @@ __all__ = ["DCPTensorInfo", "export_dcp", "is_dcp_checkpoint", "iter_dcp_tensors
 
 _METADATA = ".metadata"
 _MAX_METADATA_BYTES = 256 << 20  # a pickle this large is not DCP metadata
-_DEFAULT_SHARD = 5 << 30  # Hugging Face's default max_shard_size ("5GB")
+_DEFAULT_SHARD = 5 * 10**9  # Hugging Face's default max_shard_size ("5GB")
 
 
 def _checkpoint_error(message: str) -> WeightAvgError:

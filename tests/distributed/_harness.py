@@ -88,7 +88,7 @@ def run_ranks(
     for p in [*wd.glob("error*.txt"), wd / "store"]:
         if p.exists():
             p.unlink()
-    ctx = mp.get_context(start_method)
+    ctx: Any = mp.get_context(start_method)
     procs = [ctx.Process(target=_entry, args=(r, world, str(wd), fn, args), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
