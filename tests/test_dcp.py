@@ -134,6 +134,22 @@ def test_malicious_object_nested_inside_real_metadata_is_refused(ckpt, tmp_path)
     assert not marker.exists()
 
 
+def test_metadata_cannot_set_attributes_on_allowed_classes(ckpt) -> None:
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    # GLOBAL Metadata (an allowed class), then BUILD (None, {"version": "x"}) on the class itself:
+    # with a plain find_class allow-list this sets Metadata.version for the rest of the process
+    payload = (b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\n"
+               b"N}X\x07\x00\x00\x00versionX\x01\x00\x00\x00xs\x86b.")
+    (ckpt / ".metadata").write_bytes(payload)
+    try:
+        with pytest.raises(CheckpointError, match="refusing to set the state of <class"):
+            read_dcp_metadata(ckpt)
+        assert Metadata.version is None
+    finally:
+        Metadata.version = None  # type: ignore[misc]
+
+
 def test_pickled_non_tensor_entries_are_never_unpickled(tmp_path) -> None:
     marker = tmp_path / MARKER
     ckpt = _save(tmp_path / "ckpt", {"w": torch.ones(3), "obj": _Evil(str(marker))})

@@ -25,7 +25,7 @@ import re
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -68,12 +68,23 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     return out
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP metadata and nothing else: every other global is refused before it is called."""
+class _MetadataUnpickler(pickle._Unpickler):
+    """Builds DCP metadata and nothing else.
+
+    Every global outside the allow-list is refused before it is called, and BUILD (set an
+    object's state) only applies to *instances* of the allowed metadata classes: a pickle cannot
+    set attributes on a class (which would change DCP's classes for the rest of the process) or
+    on any other object. The pure-Python unpickler is used because it lets BUILD be checked.
+    """
+
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
+    stack: list[Any]
 
     def __init__(self, file: IO[bytes], where: Path) -> None:
         super().__init__(file)
         self._allowed = _allowed_globals()
+        self._buildable = tuple(cls for (mod, _), cls in self._allowed.items()
+                                if mod.startswith("torch.distributed.checkpoint."))
         self._where = where
 
     def find_class(self, module: str, name: str) -> Any:
@@ -90,6 +101,17 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise _checkpoint_error(f"{self._where}: unexpected persistent reference in DCP metadata")
+
+    def _load_build(self) -> None:
+        inst = self.stack[-2]  # BUILD pops the state and applies it to the object below
+        if isinstance(inst, type) or not isinstance(inst, self._buildable):
+            raise _checkpoint_error(
+                f"{self._where}: refusing to set the state of {inst!r}: DCP metadata only sets the "
+                "state of its own metadata objects"
+            )
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
 
 @dataclass(frozen=True)
