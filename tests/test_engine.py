@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import weightavg as wa
-from weightavg import _engine
+from weightavg import _executor, _storage
 
 from .conftest import ConvBN, sgd_steps
 from .reference import ema_closed_form, mean_of, power_profile_weights, weighted_loop
@@ -210,9 +210,9 @@ class ManySmall(nn.Module):
 @pytest.mark.parametrize("scratch", [pytest.param(1000, id="unstaged-check"), pytest.param(1 << 20, id="staged")])
 def test_packed_and_big_paths_agree_with_slow_loop(monkeypatch: pytest.MonkeyPatch, scratch: int) -> None:
     """Force several chunks, both check modes and the chunked big path; compare with a loop."""
-    monkeypatch.setattr(_engine, "_CHUNK", 300)
-    monkeypatch.setattr(_engine, "_SCRATCH", scratch)
-    monkeypatch.setattr(_engine, "_BIG_CHUNK", 40_000)
+    monkeypatch.setattr(_storage, "_CHUNK", 300)
+    monkeypatch.setattr(_executor, "_SCRATCH", scratch)
+    monkeypatch.setattr(_executor, "_BIG_CHUNK", 40_000)
     model = ManySmall()
     avg = wa.Averager(model, rule=wa.ema(decay=0.7))
     g = avg._groups[0]
@@ -239,13 +239,13 @@ def test_packed_and_big_paths_agree_with_slow_loop(monkeypatch: pytest.MonkeyPat
 @pytest.mark.parametrize("scratch", [pytest.param(1000, id="unstaged-check"), pytest.param(1 << 20, id="staged")])
 def test_planned_update_matches_general_path(monkeypatch: pytest.MonkeyPatch, scratch: int, nonfinite: str) -> None:
     """The flattened plan (the fast path) and the general per-group path give the same averages."""
-    monkeypatch.setattr(_engine, "_CHUNK", 300)
-    monkeypatch.setattr(_engine, "_SCRATCH", scratch)
+    monkeypatch.setattr(_storage, "_CHUNK", 300)
+    monkeypatch.setattr(_executor, "_SCRATCH", scratch)
     model = ManySmall()
     rules = {"ema": wa.ema(decay=0.7), "swa": wa.mean()}
     planned = wa.Averager(model, rule=rules, nonfinite=nonfinite)  # type: ignore[arg-type]
     general = wa.Averager(model, rule=rules, nonfinite=nonfinite)  # type: ignore[arg-type]
-    general._plannable = False
+    general._executor.plannable = False  # type: ignore[attr-defined]
     gen = torch.Generator().manual_seed(2)
     for _ in range(4):
         with torch.no_grad():
@@ -253,8 +253,8 @@ def test_planned_update_matches_general_path(monkeypatch: pytest.MonkeyPatch, sc
                 p.add_(torch.randn(p.shape, generator=gen))
         planned.update(model)
         general.update(model)
-    assert planned._bindings[id(model)].plan is not None
-    assert general._bindings[id(model)].plan is None
+    assert planned._binder.bindings[id(model)].plan is not None
+    assert general._binder.bindings[id(model)].plan is None
     for slot in rules:
         want = general.averaged_tensors(slot)
         for n, t in planned.averaged_tensors(slot).items():
@@ -264,7 +264,7 @@ def test_planned_update_matches_general_path(monkeypatch: pytest.MonkeyPatch, sc
 @pytest.mark.parametrize("n_big", [2, 9], ids=["lerp-each", "foreach"])
 def test_planned_big_tensors_match_closed_form(n_big: int) -> None:
     """Up to _FEW big tensors take one lerp_ each, more one foreach; both follow the closed form."""
-    assert (n_big > _engine._FEW) == (n_big == 9)
+    assert (n_big > _executor._FEW) == (n_big == 9)
     model = nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(n_big)])  # 65,536 each: big
     avg = wa.Averager(model, rule=wa.ema(decay=0.6))
     gen = torch.Generator().manual_seed(3)
@@ -275,8 +275,8 @@ def test_planned_big_tensors_match_closed_form(n_big: int) -> None:
                 p.add_(torch.randn(p.shape, generator=gen))
         avg.update(model)
         snaps.append(snapshot(model))
-    plan = avg._bindings[id(model)].plan
-    assert plan is not None and {op[0] for op in plan.plain} == {_engine._FOREACH if n_big == 9 else _engine._LERP}
+    plan = avg._binder.bindings[id(model)].plan
+    assert plan is not None and {op[0] for op in plan.plain} == {_executor._FOREACH if n_big == 9 else _executor._LERP}
     ref = ema_closed_form(snaps, 0.6)
     for n, t in avg.averaged_tensors().items():
         torch.testing.assert_close(t.double(), ref[n], rtol=1e-5, atol=1e-5, msg=n)
@@ -288,10 +288,10 @@ def test_planned_update_refuses_nonfinite_in_small_and_big_tensors(where: str) -
     avg = wa.Averager(model, rule={"ema": wa.ema(decay=0.7), "swa": wa.mean()})
     avg.update(model)
     avg.update(model)
-    assert avg._bindings[id(model)].plan is not None
+    assert avg._binder.bindings[id(model)].plan is not None
     before = {slot: {k: v.clone() for k, v in avg.averaged_tensors(slot).items()} for slot in avg.rules}
-    big = [n for n, p in model.named_parameters() if p.numel() >= _engine._BIG]
-    small = [n for n, p in model.named_parameters() if p.numel() < _engine._BIG]
+    big = [n for n, p in model.named_parameters() if p.numel() >= _storage._BIG]
+    small = [n for n, p in model.named_parameters() if p.numel() < _storage._BIG]
     name = (big if where == "big" else small)[-1]
     with torch.no_grad():
         model.get_parameter(name).view(-1)[-1] = float("inf")
@@ -718,9 +718,9 @@ def test_contiguous_sources_take_one_span_and_match_packed_path(dtype: torch.dty
                 pb.add_(d)
         avg_a.update(a)
         avg_b.update(b)
-    binding = avg_b._bindings[id(b)]
+    binding = avg_b._binder.bindings[id(b)]
     assert all(s is not None for s, grp in zip(binding.spans, avg_b._groups, strict=True) if grp.averaged)
-    assert all(s is None for s in avg_a._bindings[id(a)].spans)
+    assert all(s is None for s in avg_a._binder.bindings[id(a)].spans)
     for slot in rules:
         for n, t in avg_a.averaged_tensors(slot).items():
             assert torch.equal(avg_b.averaged_tensors(slot)[n], t), (slot, n)
@@ -742,6 +742,6 @@ def test_contiguous_path_refuses_nonfinite_and_falls_back_when_tiling_breaks() -
     avg_b.refresh()
     avg_a.update(a)
     avg_b.update(b)
-    assert avg_b._bindings[id(b)].spans[0] is None  # generic path now
+    assert avg_b._binder.bindings[id(b)].spans[0] is None  # generic path now
     for n, t in avg_a.averaged_tensors().items():
         assert torch.equal(avg_b.averaged_tensors()[n], t), n

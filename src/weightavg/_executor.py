@@ -1,0 +1,404 @@
+"""How an update is executed: the non-finite check and the arithmetic, on the storage's device.
+
+Part of the engine (see :mod:`weightavg._engine`). An :class:`Executor` folds a bound source into
+a storage's averages for given per-rule weights, and copies the copied tensors. The
+:class:`LocalExecutor` checks on the host (one device-to-host read per update when checked) and
+then runs either a :class:`_Plan` (the binding's update flattened once into torch calls) or the
+general per-group path (conversions, squares, in-place rules).
+
+Another way of executing is a sibling subclass of :class:`Executor`, picked by :func:`make_executor`
+(the only place that chooses); the :class:`weightavg.Averager` talks to an executor only through
+``execute`` (before which it has computed the per-rule weights and after which it moves its
+counters) and ``copy``. A device-side deferred check (no host read per update) would keep a
+device flag, apply each update as ``where(finite, new, old)`` and report a refusal later; it needs
+one more hook that the Averager calls before any read of the averages (to count or raise), which
+does not exist yet. It can reuse :class:`_Plan` and the scratch of :class:`LocalExecutor`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ._binding import _Binding, is_module_binding
+from ._errors import NonFiniteError
+from ._rules import Rule, UpdateInfo, _Inplace
+from ._storage import FlatStorage, _Group
+
+__all__ = ["Executor", "LocalExecutor", "make_executor"]
+
+_SCRATCH = 1 << 20  # elements of the packing scratch, per (device, dtype)
+_FEW = 8  # up to this many big tensors are updated with one lerp_ each, more with one foreach
+_BIG_CHUNK = 1 << 18  # big tensors that need a conversion stream through the scratch in such pieces
+
+NonFinitePolicy = Literal["raise", "skip", "allow"]
+
+# operations of a _Plan: (code, ...) tuples run by _run
+_GATHER = 0  # (_GATHER, sources, out): torch.cat(sources, out=out)
+_LERP = 1  # (_LERP, slot, dst, src): dst.lerp_(src, weight[slot])
+_FOREACH = 2  # (_FOREACH, slot, dsts, srcs): torch._foreach_lerp_(dsts, srcs, weight[slot])
+_Op = tuple[Any, ...]
+
+
+@dataclass
+class _Plan:
+    """One binding's update, flattened once into a list of torch calls.
+
+    With the cache cold (as it is after a training step on a model larger than the cache) every
+    Python object an update touches costs a memory access: walking groups, chunks and entries on
+    each update cost a third as much as the arithmetic on a 1M-parameter model. A plan touches
+    only the tensors. It covers the common case (averages of the sources' own dtype and device,
+    rules that ``lerp_`` the value itself); anything else takes the general path.
+    """
+
+    plain: list[_Op]  # the whole update
+    staged: list[_Op]  # the update once `check` has gathered every packed source
+    check: list[_Op]  # (_GATHER, sources, out) then summed, or (None, tensor) summed
+
+
+class Executor:
+    """Executes updates of one storage. Subclasses implement :meth:`execute` and :meth:`copy`.
+
+    Args:
+        storage: the storage whose averages are updated.
+        rules: slot -> rule (the storage has one flat average per slot).
+        nonfinite: ``"raise"``, ``"skip"`` or ``"allow"`` (see :class:`weightavg.Averager`).
+    """
+
+    def __init__(self, storage: FlatStorage, rules: Mapping[str, Rule], nonfinite: NonFinitePolicy) -> None:
+        self.storage = storage
+        self.rules = dict(rules)
+        self.nonfinite: NonFinitePolicy = nonfinite
+
+    def execute(self, binding: _Binding, weights: dict[str, float], info: UpdateInfo) -> bool:
+        """Fold ``binding``'s sources into every average with ``weights`` (slot -> weight; 1 copies,
+        NaN means the rule updates in place).
+
+        Returns:
+            True if applied, False if refused and skipped (``nonfinite="skip"``).
+
+        Raises:
+            NonFiniteError: a source holds NaN/Inf and ``nonfinite="raise"``.
+        """
+        raise NotImplementedError
+
+    def copy(self, binding: _Binding) -> None:
+        """Write the copied (non-averaged) groups' sources into the storage's copies."""
+        raise NotImplementedError
+
+
+def make_executor(storage: FlatStorage, rules: Mapping[str, Rule], nonfinite: NonFinitePolicy) -> Executor:
+    """The executor for this storage and configuration (today always a :class:`LocalExecutor`)."""
+    return LocalExecutor(storage, rules, nonfinite)
+
+
+class LocalExecutor(Executor):
+    """Updates with torch calls on the storage's devices; the check reads one scalar on the host.
+
+    Small tensors are gathered into a bounded scratch (one per (device, dtype, purpose), allocated
+    once) and updated in runs; big ones take ``lerp_``/``_foreach_lerp_`` directly, or stream
+    through the scratch when they need a conversion.
+    """
+
+    def __init__(self, storage: FlatStorage, rules: Mapping[str, Rule], nonfinite: NonFinitePolicy) -> None:
+        super().__init__(storage, rules, nonfinite)
+        self.scratch: dict[tuple[torch.device, torch.dtype, str], Tensor] = {}
+        # execute() takes a _Plan when every rule lerps the value itself and averages keep the
+        # sources' dtype and device (see _plan)
+        self.plannable = all(not isinstance(r, _Inplace) and getattr(r, "power", 1) == 1
+                             for r in self.rules.values())
+
+    def scratch_for(self, device: torch.device, dtype: torch.dtype, tag: str, n: int) -> Tensor:
+        """``n`` elements of the scratch for (device, dtype, tag), grown once if too small."""
+        key = (device, dtype, tag)
+        buf = self.scratch.get(key)
+        if buf is None or buf.numel() < n:
+            groups = self.storage.groups
+            size = max(n, min(_SCRATCH, max(g.packed_numel for g in groups)))
+            # staging on the host for an accelerator's tensors: pinned memory copies faster
+            pin = device.type == "cpu" and any(g.src_device.type == "cuda" for g in groups)
+            buf = torch.empty(size, dtype=dtype, device=device, pin_memory=pin)
+            self.scratch[key] = buf
+        return buf[:n]
+
+    # ------------------------------------------------------------------ update
+
+    def execute(self, binding: _Binding, weights: dict[str, float], info: UpdateInfo) -> bool:
+        plan = binding.plan
+        if plan is None and self.plannable and is_module_binding(binding):
+            plan = binding.plan = self._plan(binding)  # kept with the binding of a module (not of a mapping)
+        # a plan lerps; a weight of 1 (first update: copy) or NaN (in-place rule) takes the general path
+        fast = plan if plan is not None and all(w == w and w != 1.0 for w in weights.values()) else None
+        checked = self.nonfinite != "allow"
+        staged: dict[int, Tensor] = {}
+        if checked:
+            if fast is not None:
+                total = self._check_plan(fast)
+            else:
+                staged, total = self._check(binding)
+            if not math.isfinite(float(total)):
+                bad = self._nonfinite_names(binding)
+                if bad:
+                    if self.nonfinite == "skip":
+                        return False
+                    raise NonFiniteError(
+                        f"update refused: the model holds NaN or Inf in {len(bad)} tensor(s): "
+                        f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; the average is "
+                        "unchanged (pass nonfinite='skip' to skip and count such updates)"
+                    )
+        if fast is not None:
+            _run(fast.staged if checked else fast.plain, weights)
+        else:
+            with torch.no_grad():
+                for gi, g in enumerate(self.storage.groups):
+                    if g.averaged:
+                        self._update_group(gi, g, binding, weights, info, staged.get(gi))
+        return True
+
+    def _plan(self, binding: _Binding) -> _Plan | None:
+        """Flatten this binding's update into torch calls (None: it needs the general path)."""
+        plain: list[_Op] = []
+        staged: list[_Op] = []
+        check: list[_Op] = []
+        ops: list[_Op]
+        devices = set()
+        for gi, g in enumerate(self.storage.groups):
+            if not g.averaged:
+                continue
+            if not g.direct or (g.n_packed and not binding.flat[gi]):
+                return None  # conversion or non-contiguous small sources
+            devices.add(g.dev)
+            srcs = binding.srcs[gi]
+            store = {slot: flat[gi] for slot, flat in self.storage.flat.items()}
+            checked = g.src_dtype.is_floating_point  # as in _check
+            span = binding.spans[gi]
+            if span is not None:
+                lerps = [(_LERP, slot, dst, span) for slot, dst in store.items()]
+                plain += lerps
+                staged += lerps
+                if checked:
+                    check.append((None, span))
+                continue
+            # the check gathers every packed source into the scratch, so the update need not again
+            keep = checked and 0 < g.packed_numel <= _SCRATCH
+            whole = self.scratch_for(g.src_device, g.src_dtype, "gather", g.packed_numel) if keep else None
+            for lo, hi, start, stop in g.chunks:
+                part = srcs[lo:hi]
+                buf = self.scratch_for(g.src_device, g.src_dtype, "gather", stop - start)
+                ops = [(_GATHER, part, buf), *((_LERP, slot, dst[start:stop], buf) for slot, dst in store.items())]
+                plain += ops
+                if checked:
+                    check.append((_GATHER, part, whole[start:stop] if whole is not None else buf))
+                if whole is None:
+                    staged += ops
+            if whole is not None:
+                staged += [(_LERP, slot, dst[: g.packed_numel], whole) for slot, dst in store.items()]
+            big = g.entries[g.n_packed :]
+            if big:
+                big_srcs = srcs[g.n_packed :]
+                for slot, dst in store.items():
+                    views = [dst[e.offset : e.offset + e.numel].view(t.shape)
+                             for e, t in zip(big, big_srcs, strict=True)]
+                    if len(big) <= _FEW:  # a few lerp_ calls run fewer distinct code paths than one foreach
+                        ops = [(_LERP, slot, v, t) for v, t in zip(views, big_srcs, strict=True)]
+                    else:
+                        ops = [(_FOREACH, slot, views, big_srcs)]
+                    plain += ops
+                    staged += ops
+                if checked:
+                    check += [(None, t) for t in big_srcs]
+        if len(devices) > 1:
+            return None
+        return _Plan(plain, staged, check)
+
+    @staticmethod
+    def _check_plan(plan: _Plan) -> Tensor | float:
+        """Sum every checked source (NaN/Inf propagate), each gathered run while it is in cache."""
+        sums = []
+        for op in plan.check:
+            if op[0] is None:
+                sums.append(op[1].sum(dtype=torch.float32))
+            else:
+                torch.cat(op[1], out=op[2])
+                sums.append(op[2].sum(dtype=torch.float32))
+        return _total(sums)
+
+    def _gather(
+        self, g: _Group, srcs: list[Tensor], chunk: tuple[int, int, int, int], flat: bool, staged: bool = False
+    ) -> Tensor:
+        """Packed sources of one chunk, gathered into the scratch (source dtype and device).
+
+        With ``staged`` every chunk gets its own place (the whole packed region is kept, for the
+        non-finite check before anything is applied); otherwise chunks reuse the scratch's start.
+        """
+        lo, hi, start, stop = chunk
+        if staged:
+            buf = self.scratch_for(g.src_device, g.src_dtype, "gather", g.packed_numel)[start:stop]
+        else:
+            buf = self.scratch_for(g.src_device, g.src_dtype, "gather", stop - start)
+        part = srcs[lo:hi]
+        if not flat:  # non-contiguous sources (rare): slow path
+            part = [t.reshape(-1) for t in part]
+        torch.cat(part, out=buf)
+        return buf
+
+    def _check(self, binding: _Binding) -> tuple[dict[int, Tensor], Tensor | float]:
+        """Sum every averaged source (NaN/Inf propagate) before anything is applied.
+
+        Each packed chunk is summed right after its gather, while it is in cache. Gathers are kept
+        (staged) when the whole packed region fits the scratch, so the update does not redo them.
+        """
+        sums: list[Tensor] = []
+        staged: dict[int, Tensor] = {}
+        for gi, g in enumerate(self.storage.groups):
+            if not g.averaged or not g.src_dtype.is_floating_point:
+                continue
+            srcs = binding.srcs[gi]
+            span = binding.spans[gi]
+            if span is not None:
+                sums.append(span.sum(dtype=torch.float32))
+                continue
+            keep = 0 < g.packed_numel <= _SCRATCH
+            for chunk in g.chunks:
+                part = self._gather(g, srcs, chunk, binding.flat[gi], staged=keep)
+                sums.append(part.sum(dtype=torch.float32))
+            if keep:
+                staged[gi] = self.scratch_for(g.src_device, g.src_dtype, "gather", g.packed_numel)
+            sums.extend(t.sum(dtype=torch.float32) for t in srcs[g.n_packed:])
+        return staged, _total(sums)
+
+    def _nonfinite_names(self, binding: _Binding) -> list[str]:
+        bad = []
+        for gi, g in enumerate(self.storage.groups):
+            if not g.averaged:
+                continue
+            for e, t in zip(g.entries, binding.srcs[gi], strict=True):
+                if not bool(torch.isfinite(t).all()):
+                    bad.append(e.name)
+        return bad
+
+    @torch.no_grad()
+    def copy(self, binding: _Binding) -> None:
+        for gi, g in enumerate(self.storage.groups):
+            if g.averaged:
+                continue
+            dst, srcs = self.storage.copies[gi], binding.srcs[gi]
+            if g.dev == g.src_device and binding.flat[gi]:
+                torch.cat(srcs, out=dst)
+            else:
+                for e, t in zip(g.entries, srcs, strict=True):
+                    dst[e.offset : e.offset + e.numel].copy_(t.reshape(-1))
+
+    def _update_group(
+        self,
+        gi: int,
+        g: _Group,
+        binding: _Binding,
+        weights: dict[str, float],
+        info: UpdateInfo,
+        staged: Tensor | None,
+    ) -> None:
+        srcs = binding.srcs[gi]
+        storage = self.storage.flat
+        lerp_slots = {s: w for s, w in weights.items() if not math.isnan(w)}
+        inplace_slots = [s for s, w in weights.items() if math.isnan(w)]
+        squares = any(self.rules[s].power == 2 for s in lerp_slots)
+
+        def apply(value: Tensor, start: int, stop: int) -> None:
+            sq: Tensor | None = None
+            for slot, w in lerp_slots.items():
+                dst = storage[slot][gi][start:stop]
+                v = value
+                if self.rules[slot].power == 2:
+                    if sq is None:
+                        sq = self.scratch_for(g.dev, g.dtype, "square", stop - start)
+                        torch.mul(value, value, out=sq)
+                    v = sq
+                if w == 1.0:
+                    dst.copy_(v)
+                else:
+                    dst.lerp_(v, w)
+
+        def to_avg_dtype(value: Tensor) -> Tensor:
+            if g.direct:
+                return value
+            conv = self.scratch_for(g.dev, g.dtype, "convert", value.numel())
+            conv.copy_(value, non_blocking=False)
+            return conv
+
+        span = binding.spans[gi]
+        if lerp_slots and span is not None:
+            # contiguous sources: no gather at all
+            if g.direct and not squares:
+                for slot, w in lerp_slots.items():
+                    dst = storage[slot][gi]
+                    if w == 1.0:
+                        dst.copy_(span)
+                    else:
+                        dst.lerp_(span, w)
+            else:
+                for a in range(0, g.numel, _BIG_CHUNK):
+                    b = min(a + _BIG_CHUNK, g.numel)
+                    apply(to_avg_dtype(span[a:b]), a, b)
+            lerp_slots = {}
+        # packed small tensors: one gather + one lerp_ per rule per chunk
+        if lerp_slots:
+            for chunk in g.chunks:
+                start, stop = chunk[2], chunk[3]
+                if staged is not None:
+                    value = staged[start:stop]
+                else:
+                    value = self._gather(g, srcs, chunk, binding.flat[gi])
+                apply(to_avg_dtype(value), start, stop)
+            big = g.entries[g.n_packed :]
+            big_srcs = srcs[g.n_packed :]
+            if big and g.direct and not squares:
+                for slot, w in lerp_slots.items():
+                    views = binding.big_views.get((slot, gi))
+                    if views is None:
+                        flat_store = storage[slot][gi]
+                        views = [flat_store[e.offset : e.offset + e.numel].view(t.shape)
+                                 for e, t in zip(big, big_srcs, strict=True)]
+                        binding.big_views[(slot, gi)] = views
+                    if w == 1.0:
+                        torch._foreach_copy_(views, big_srcs)
+                    else:
+                        torch._foreach_lerp_(views, big_srcs, w)
+            else:
+                for e, t in zip(big, big_srcs, strict=True):
+                    flat = t.reshape(-1)
+                    for a in range(0, e.numel, _BIG_CHUNK):
+                        b = min(a + _BIG_CHUNK, e.numel)
+                        apply(to_avg_dtype(flat[a:b]), e.offset + a, e.offset + b)
+        for slot in inplace_slots:
+            rule = self.rules[slot]
+            assert isinstance(rule, _Inplace)
+            views = self.storage.slot_views(slot, gi)
+            shaped = [t.view(e.shape) if t.dim() == 1 else t for e, t in zip(g.entries, srcs, strict=True)]
+            rule.fn(views, shaped, info.num_averaged)
+
+
+def _total(sums: list[Tensor]) -> Tensor | float:
+    """One value that is finite iff every partial sum is (no host read here)."""
+    if not sums:
+        return 0.0
+    if len(sums) == 1:
+        return sums[0]
+    return torch.stack([s.to(sums[0].device) for s in sums]).sum()
+
+
+def _run(ops: list[_Op], weights: Mapping[str, float]) -> None:
+    """Run a plan's operations. Sources are detached and averages need no grad: no no_grad() needed."""
+    for op in ops:
+        code = op[0]
+        if code == _LERP:
+            op[2].lerp_(op[3], weights[op[1]])
+        elif code == _GATHER:
+            torch.cat(op[1], out=op[2])
+        else:
+            torch._foreach_lerp_(op[2], op[3], weights[op[1]])
