@@ -93,7 +93,12 @@ class Executor:
 
 
 def make_executor(storage: FlatStorage, rules: Mapping[str, Rule], nonfinite: NonFinitePolicy) -> Executor:
-    """The executor for this storage and configuration (today always a :class:`LocalExecutor`)."""
+    """The executor for this storage and configuration: a :class:`LocalExecutor`, or for the local
+    shards of a sharded model its sibling :class:`weightavg._sharded.ShardedExecutor`."""
+    if storage.sharded:
+        from ._sharded import ShardedExecutor
+
+        return ShardedExecutor(storage, rules, nonfinite)
     return LocalExecutor(storage, rules, nonfinite)
 
 
@@ -141,7 +146,7 @@ class LocalExecutor(Executor):
                 total = self._check_plan(fast)
             else:
                 staged, total = self._check(binding)
-            if not math.isfinite(float(total)):
+            if not self.finite(total):
                 bad = self._nonfinite_names(binding)
                 if bad:
                     if self.nonfinite == "skip":
@@ -159,6 +164,10 @@ class LocalExecutor(Executor):
                     if g.averaged:
                         self._update_group(gi, g, binding, weights, info, staged.get(gi))
         return True
+
+    def finite(self, total: Tensor | float) -> bool:
+        """The verdict of the check on the sources' total (see weightavg._sharded.ShardedExecutor)."""
+        return math.isfinite(float(total))
 
     def _plan(self, binding: _Binding) -> _Plan | None:
         """Flatten this binding's update into torch calls (None: it needs the general path)."""

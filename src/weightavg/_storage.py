@@ -86,6 +86,8 @@ class FlatStorage:
     ``entries`` is empty when nothing matched (the caller raises, naming its argument).
     """
 
+    sharded = False  # see weightavg._sharded.ShardedStorage
+
     def __init__(
         self,
         tensors: dict[str, tuple[Tensor, bool]],
@@ -112,11 +114,11 @@ class FlatStorage:
         self.flat: dict[str, list[Tensor]] = {}
         for slot in slots:
             self.flat[slot] = [
-                torch.empty(g.numel, dtype=g.dtype, device=g.dev) if g.averaged else torch.empty(0)
+                torch.zeros(g.numel, dtype=g.dtype, device=g.dev) if g.averaged else torch.empty(0)
                 for g in self.groups
             ]
         self.copies = [
-            torch.empty(g.numel, dtype=g.dtype, device=g.dev) if not g.averaged else torch.empty(0)
+            torch.zeros(g.numel, dtype=g.dtype, device=g.dev) if not g.averaged else torch.empty(0)
             for g in self.groups
         ]
 
@@ -197,6 +199,28 @@ class FlatStorage:
         """Views of ``slot``'s averages of group ``gi``, shaped, in storage order."""
         flat = self.flat[slot][gi]
         return [flat[e.offset : e.offset + e.numel].view(e.shape) for e in self.groups[gi].entries]
+
+    # the hooks a sharded storage overrides (weightavg._sharded.ShardedStorage): for this one, a
+    # stored tensor is its own full tensor
+
+    def full_shape(self, name: str) -> torch.Size:
+        """Shape of the tracked tensor ``name`` as the model sees it."""
+        return self.entries[name].shape
+
+    def present(self, views: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Views as the user reads them (here: unchanged)."""
+        return views
+
+    def before_write(self, model: object) -> None:
+        """Called before the averages are written into ``model``, and before its values are restored."""
+
+    def load_entry(self, name: str, view: Tensor, saved: Tensor) -> None:
+        """Copy a saved tensor (from a state dict) into the view ``view`` of entry ``name``."""
+        view.copy_(saved)
+
+    def gather(self, name: str, value: Tensor) -> Tensor:
+        """The full tensor of a presented value (here: the value itself)."""
+        return value
 
     def flat_layout(self) -> dict[str, tuple[int, int, torch.Size]]:
         """Name -> (start, stop, shape) of each averaged tensor in the groups' concatenation."""
