@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ._binding import Binder
-from ._errors import ConfigError, MismatchError, StateError
+from ._errors import ConfigError, MismatchError
 from ._executor import LocalExecutor
 from ._storage import FlatStorage
 
@@ -312,5 +312,10 @@ def refuse_sharded(storage: FlatStorage, what: str) -> None:
                           f"({shards[name].describe()}); build it on the unsharded model")
 
 
-def gather_error() -> StateError:
-    return StateError("a full export of a sharded average needs the initialised process group of its mesh")
+def refuse_dtensor_model(model: object, what: str) -> None:
+    """Raise ConfigError when ``model`` (a module) has a DTensor parameter or buffer, naming it."""
+    if isinstance(model, nn.Module):
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if is_dtensor(t):
+                raise ConfigError(f"{what} does not support sharded models: tensor {name!r} is a DTensor "
+                                  f"({_Shard.of(t).describe()}); build it on the unsharded model")

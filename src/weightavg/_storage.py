@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._errors import bad_arg
+from ._errors import ConfigError, bad_arg
 from ._names import unwrap_model
 
 __all__ = ["FlatStorage", "make_contiguous"]
@@ -263,10 +263,20 @@ def make_contiguous(model: nn.Module, *, buffers: bool = True) -> nn.Module:
 
     Returns:
         The model.
+
+    Raises:
+        ConfigError: a parameter is a DTensor (a sharded model: its storage belongs to FSDP2 /
+            the tensor-parallel plan).
     """
     if not isinstance(model, nn.Module):
         raise bad_arg("model", type(model).__name__, "a torch.nn.Module")
     root = unwrap_model(model)
+    for name, p in root.named_parameters():
+        if type(p).__name__ == "DTensor" or hasattr(p, "device_mesh"):
+            raise ConfigError(
+                f"make_contiguous cannot move parameter {name!r}: it is a DTensor (FSDP2 / tensor "
+                "parallel), whose storage the sharding owns; build the Averager without make_contiguous "
+                "(it averages the local shards as they are)")
     params: list[tuple[Tensor, list[tuple[nn.Module, str]]]] = []
     bufs: list[tuple[Tensor, list[tuple[nn.Module, str]]]] = []
     where: dict[int, list[tuple[nn.Module, str]]] = {}

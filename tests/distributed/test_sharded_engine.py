@@ -130,3 +130,152 @@ def test_hsdp_and_tensor_parallel_average_equals_reference(tmp_path, kind: str, 
     if kind == "tp":
         assert res[0]["placements"]["2.bias"] == str((Replicate(),))
     _check_against_reference(res, kind)
+
+
+# ----------------------------------------------------------------------------- non-finite shards
+
+
+def _nonfinite(rank: int, world: int) -> dict[str, object]:
+    model = _shard(_model("fsdp"), "fsdp", world)
+    raising = wa.Averager(model, rule=wa.ema(0.5))
+    skipping = wa.Averager(model, rule=wa.ema(0.5), nonfinite="skip")
+    raising.update(model)
+    skipping.update(model)
+    before = {n: t.to_local().clone() for n, t in raising.averaged_tensors().items() if isinstance(t, DTensor)}
+    if rank == world - 1:  # a NaN in one rank's shard only
+        with torch.no_grad():
+            model[0].weight.to_local()[0, 0] = float("nan")
+    out: dict[str, object] = {}
+    try:
+        raising.update(model)
+        out["raised"] = ""
+    except wa.NonFiniteError as err:
+        out["raised"] = str(err)
+    out["skipped"] = skipping.update(model)
+    out["num_skipped"] = skipping.num_skipped
+    out["num_updates"] = (raising.num_updates, skipping.num_updates)
+    out["unchanged"] = all(torch.equal(raising.averaged_tensors()[n].to_local(), t) for n, t in before.items())
+    return out
+
+
+def test_a_nonfinite_shard_on_one_rank_refuses_or_skips_on_every_rank(tmp_path) -> None:
+    res = run_ranks(_nonfinite, 2, tmp_path)
+    assert "0.weight" in res[1]["raised"]
+    assert "another rank" in res[0]["raised"]
+    for r in res:
+        assert r["skipped"] is False and r["num_skipped"] == 1 and r["num_updates"] == (1, 1) and r["unchanged"]
+
+
+# ----------------------------------------------------------------------------- reading, swapping
+
+
+def _twin(world: int) -> nn.Module:
+    return _shard(_model("fsdp"), "fsdp", world)
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, g: torch.Generator) -> float:
+    loss = model(torch.randn(6, 4, generator=g)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return float(loss)
+
+
+def _read_and_swap(rank: int, world: int) -> dict[str, object]:
+    model, twin = _twin(world), _twin(world)
+    opt, opt_twin = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
+    g, g_twin = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    avg = wa.Averager(model, rule=wa.ema(0.5))
+    for _ in range(2):
+        _step(model, opt, g)
+        _step(twin, opt_twin, g_twin)
+        avg.update(model)
+    binding = avg._binder.last
+    out: dict[str, object] = {"cached": binding is not None and avg._bind(model) is binding}
+    with count_collectives() as c:
+        sharded = avg.export_state_dict()
+    out["export_comm"] = sum(c.values())
+    out["export_types"] = {n: type(t).__name__ for n, t in sharded.items()}
+    out["export_placements_ok"] = all(
+        sharded[n].placements == p.placements for n, p in model.named_parameters())
+    full = avg.export_state_dict(full=True, rank0_only=True, cpu=True)
+    out["full"] = full
+    averages = {n: t.full_tensor() if isinstance(t, DTensor) else t.clone()
+                for n, t in avg.averaged_tensors().items()}
+    out["averages"] = averages
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
+    model.eval()
+    with avg.swapped_in(model), torch.no_grad():
+        out["y_avg"] = model(x)
+        out["inside"] = full_state(model)
+    model.train()
+    # trains on, straight away (nothing in between reshards it): the next steps equal those of a
+    # twin that never swapped
+    for _ in range(2):
+        out["loss"] = _step(model, opt, g)
+        _step(twin, opt_twin, g_twin)
+    out["trains_on_equal"] = all(torch.equal(a, b) for a, b in zip(full_state(model).values(),
+                                                                      full_state(twin).values(), strict=True))
+    avg.copy_to(twin)
+    out["copied"] = full_state(twin)
+    with torch.no_grad():
+        twin[1].running_mean.fill_(7.0)
+    avg.load_from(twin, ["1.running_mean"])
+    out["loaded"] = avg.averaged_tensors()["1.running_mean"].clone()
+    return out
+
+
+def test_read_swap_copy_and_load_shard_locally(tmp_path) -> None:
+    res = run_ranks(_read_and_swap, 2, tmp_path)
+    ref_model = _model("fsdp")
+    ref_model.load_state_dict(res[0]["averages"])
+    ref_model.eval()
+    with torch.no_grad():
+        y_ref = ref_model(torch.randn(3, 4, generator=torch.Generator().manual_seed(5)))
+    for rank, r in enumerate(res):
+        assert r["cached"]  # an FSDP2 forward/backward does not invalidate the binding
+        assert r["export_comm"] == 0 and r["export_placements_ok"]
+        assert r["export_types"]["0.weight"] == "DTensor" and r["export_types"]["1.running_mean"] == "Tensor"
+        assert r["full"] == {} if rank else set(r["full"]) == set(r["averages"])
+        for n, t in r["averages"].items():
+            assert torch.equal(r["inside"][n], t.to(r["inside"][n].dtype)), n
+            if t.is_floating_point():  # copied buffers follow the model updated from (it trained on)
+                assert torch.equal(r["copied"][n], t), n
+            if rank == 0:
+                assert r["full"][n].device.type == "cpu" and torch.equal(r["full"][n], t), n
+        torch.testing.assert_close(r["y_avg"], y_ref)
+        assert r["trains_on_equal"]
+        assert torch.equal(r["loaded"], torch.full((5,), 7.0))
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def _refusals(rank: int, world: int) -> dict[str, str]:
+    from weightavg.swag import SWAG
+
+    model = _shard(_model("fsdp"), "fsdp", world)
+    out = {}
+    for what, fn in (("make_contiguous", lambda: wa.make_contiguous(model)),
+                     ("swag", lambda: SWAG(model)),
+                     ("all_reduce", lambda: _all_reduce(model))):
+        try:
+            fn()
+            out[what] = ""
+        except wa.ConfigError as err:
+            out[what] = str(err)
+    dist.barrier()
+    return out
+
+
+def _all_reduce(model: nn.Module) -> None:
+    avg = wa.Averager(model)
+    avg.update(model)
+    avg.all_reduce()
+
+
+def test_sharded_models_are_refused_where_unsupported_naming_the_tensor(tmp_path) -> None:
+    for r in run_ranks(_refusals, 2, tmp_path):
+        assert "'0.weight'" in r["make_contiguous"] and "DTensor" in r["make_contiguous"]
+        assert "SWAG" in r["swag"] and "'0.weight'" in r["swag"]
+        assert "all_reduce" in r["all_reduce"] and "'0.weight'" in r["all_reduce"]
