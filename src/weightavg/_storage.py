@@ -271,10 +271,10 @@ def make_contiguous(model: nn.Module, *, buffers: bool = True) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise bad_arg("model", type(model).__name__, "a torch.nn.Module")
     root = unwrap_model(model)
-    for name, p in root.named_parameters():
-        if type(p).__name__ == "DTensor" or hasattr(p, "device_mesh"):
+    for pname, param in root.named_parameters():
+        if type(param).__name__ == "DTensor" or hasattr(param, "device_mesh"):
             raise ConfigError(
-                f"make_contiguous cannot move parameter {name!r}: it is a DTensor (FSDP2 / tensor "
+                f"make_contiguous cannot move parameter {pname!r}: it is a DTensor (FSDP2 / tensor "
                 "parallel), whose storage the sharding owns; build the Averager without make_contiguous "
                 "(it averages the local shards as they are)")
     params: list[tuple[Tensor, list[tuple[nn.Module, str]]]] = []
