@@ -133,3 +133,17 @@ def test_a_sharded_checkpoint_loads_into_a_single_process_averager(tmp_path: Pat
         _set(plain, _snapshot(step))
         straight.update(plain)
     _assert_same(_full(avg), _full(straight))
+
+
+def test_cli_exports_the_averages_of_a_sharded_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file
+
+    from weightavg.cli._main import main
+
+    ck = str(tmp_path / "ck")
+    saved = run_ranks(_run, 3, tmp_path / "save", ck, "save")
+    assert main(["export", ck, "-o", str(tmp_path / "x.safetensors")]) == 1  # two rules: which?
+    assert "ema" in capsys.readouterr().err
+    assert main(["export", ck, "-o", str(tmp_path / "ema.safetensors"), "--rule", "ema"]) == 0
+    got = load_file(tmp_path / "ema.safetensors")
+    _assert_same({"ema": got}, {"ema": saved[0]["final"]["ema"]})

@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=cmd_average)
 
+    # ------------------------------------------------------------------ export (DCP -> safetensors)
+    from ._export import add_export_parser
+
+    add_export_parser(sub)
+
     # ------------------------------------------------------------------ plot-lr
     p = sub.add_parser(
         "plot-lr", help="draw an SWA learning-rate schedule (SWALR) as PNG",
