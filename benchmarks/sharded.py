@@ -6,13 +6,16 @@ Not a test: it prints one Markdown table per world size. Rows:
       elements with an equally long contiguous source: the least any local-shard update can do;
     * ``gather (full_tensor + full lerp)``: what the peers do (gather every parameter with
       ``full_tensor()``, then a full-size float32 ``lerp_`` on every rank);
-    * ``weightavg (sharded)``: ``weightavg.Averager(model, rule=ema)`` on the FSDP2 model; it is a
-      pluggable row (see ``IMPLS``) and reports why when the installed engine cannot do it yet;
+    * ``weightavg (sharded)``: ``weightavg.Averager(model, rule=ema, nonfinite="allow")`` on the
+      FSDP2 model (local shards, no communication); ``weightavg (sharded, NaN check)``: the default
+      ``nonfinite="raise"``, whose check all-reduces one flag per update (rows are pluggable, see
+      ``IMPLS``: a row the installed engine cannot run says why);
     * ``single process, whole model``: ``weightavg.Averager`` over the unsharded model in one process
       (timed once, before the ranks start).
 
 Columns: median milliseconds per update over ``--reps`` (the slowest rank's), the ratio to the
-ideal, collectives per update (``torch.distributed`` calls + DTensor communications, counted), the
+ideal, collectives per update (the larger of the counted ``torch.distributed`` calls and DTensor
+communications: both see a plain all_reduce), the
 bytes each rank keeps for the average, and the largest / total fresh allocation made during one
 update (plain tensors only; a DTensor's own wrapper is not counted).
 
@@ -152,10 +155,21 @@ def _weightavg(model: nn.Module) -> tuple[Callable[[], Any], list[Tensor]]:
     return update, list(avg.averaged_tensors().values())
 
 
+def _weightavg_checked(model: nn.Module) -> tuple[Callable[[], Any], list[Tensor]]:
+    avg = wa.Averager(model, rule=wa.ema(DECAY))  # nonfinite="raise": one all-reduced flag per update
+    avg.update(model)
+
+    def update() -> None:
+        avg.update(model)
+
+    return update, [t.to_local() if hasattr(t, "to_local") else t for t in avg.averaged_tensors().values()]
+
+
 IMPLS: list[Impl] = [
     Impl("ideal (flat local shard)", _ideal),
     Impl("gather (full_tensor + full lerp)", _gather),
     Impl("weightavg (sharded)", _weightavg),
+    Impl("weightavg (sharded, NaN check)", _weightavg_checked),
 ]
 
 
@@ -194,7 +208,8 @@ def measure(update: Callable[[], Any], reps: int) -> dict[str, Any]:
             setattr(dist, n, real[n])
     with FreshAllocations() as rec:
         update()
-    return {"ms": statistics.median(times) * 1e3, "comms": calls + mode.get_total_counts(),
+    # both views see a plain all_reduce: take the larger count, not the sum
+    return {"ms": statistics.median(times) * 1e3, "comms": max(calls, mode.get_total_counts()),
             "largest": rec.largest, "total": rec.total}
 
 

@@ -279,3 +279,36 @@ def test_sharded_models_are_refused_where_unsupported_naming_the_tensor(tmp_path
         assert "'0.weight'" in r["make_contiguous"] and "DTensor" in r["make_contiguous"]
         assert "SWAG" in r["swag"] and "'0.weight'" in r["swag"]
         assert "all_reduce" in r["all_reduce"] and "'0.weight'" in r["all_reduce"]
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+
+def _batches(rank: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(10 + rank)
+    return [torch.randn(8, 4, generator=g) + rank for _ in range(3)]
+
+
+def _recompute_bn(rank: int, world: int) -> dict[str, object]:
+    model = _shard(_model("fsdp"), "fsdp", world)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    avg = wa.Averager(model, rule=wa.ema(0.5))
+    for _ in range(2):
+        _step(model, opt, g)
+        avg.update(model)
+    with avg.swapped_in(model):
+        wa.recompute_bn(model, _batches(rank), sync_ranks=True)  # pooled over the ranks, as for DDP
+        avg.load_from(model)
+    return {"averages": {n: t.full_tensor() if isinstance(t, DTensor) else t.clone()
+                         for n, t in avg.averaged_tensors().items()}}
+
+
+def test_recompute_bn_on_fsdp2_pools_the_statistics_of_every_rank(tmp_path) -> None:
+    res = run_ranks(_recompute_bn, 2, tmp_path)
+    ref = _model("fsdp")
+    ref.load_state_dict(res[0]["averages"])
+    wa.recompute_bn(ref, [torch.cat([_batches(0)[i], _batches(1)[i]]) for i in range(3)])
+    for r in res:
+        for n in ("1.running_mean", "1.running_var"):
+            torch.testing.assert_close(r["averages"][n], ref.state_dict()[n], msg=n)
