@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._errors import ConfigError, bad_arg
+from ._errors import ConfigError, MismatchError, bad_arg
 from ._names import unwrap_model
 
 __all__ = ["FlatStorage", "make_contiguous"]
@@ -215,7 +215,17 @@ class FlatStorage:
         """Called before the averages are written into ``model``, and before its values are restored."""
 
     def load_entry(self, name: str, view: Tensor, saved: Tensor) -> None:
-        """Copy a saved tensor (from a state dict) into the view ``view`` of entry ``name``."""
+        """Copy a saved tensor (from a state dict) into the view ``view`` of entry ``name``.
+
+        Raises:
+            MismatchError: ``saved`` is a DTensor (a sharded averager's state) and this averager is
+                not sharded: load such a state with ``torch.distributed.checkpoint.load``.
+        """
+        if type(saved).__name__ == "DTensor":
+            raise MismatchError(
+                f"state holds {name!r} as a DTensor (a sharded averager's state), this averager tracks a plain "
+                "tensor; load it with torch.distributed.checkpoint.load(avg.state_dict(), checkpoint_id=...) "
+                "then avg.load_state_dict(...)")
         view.copy_(saved)
 
     def gather(self, name: str, value: Tensor) -> Tensor:

@@ -312,3 +312,21 @@ def test_recompute_bn_on_fsdp2_pools_the_statistics_of_every_rank(tmp_path) -> N
     for r in res:
         for n in ("1.running_mean", "1.running_var"):
             torch.testing.assert_close(r["averages"][n], ref.state_dict()[n], msg=n)
+
+
+def _moved(rank: int, world: int) -> str:
+    model = _shard(_model("fsdp"), "fsdp", world)
+    avg = wa.Averager(model)
+    avg.update(model)
+    model.to(torch.float64)  # keeps the DTensor objects, replaces their local tensors
+    try:
+        avg.update(model)
+    except wa.MismatchError as err:
+        return str(err)
+    return ""
+
+
+def test_a_cast_sharded_model_is_noticed(tmp_path) -> None:
+    """DTensor.data_ptr() is always 0: the binding's probe must read the local tensor."""
+    for msg in run_ranks(_moved, 2, tmp_path):
+        assert "float64" in msg and "build a new Averager" in msg
