@@ -507,7 +507,7 @@ class Averager:
         model the averages of sharded tensors are DTensors (see :meth:`averaged_tensors`): DCP writes
         each shard once and reshards on load; the structure is the same as without sharding.
         """
-        return {
+        state = {
             "format": "weightavg.Averager",
             "format_version": FORMAT_VERSION,
             "config": self.config(),
@@ -517,6 +517,10 @@ class Averager:
             "last_step": self.last_step,
             "averages": {s: self.averaged_tensors(s) for s in self.rules},
         }
+        rank = self._store.rank()
+        if rank is not None:  # sharded: whose local shards a torch.save of this state holds
+            state["rank"] = rank
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
@@ -553,7 +557,7 @@ class Averager:
             for slot in self.rules:
                 mine_t = self._local_averages(slot)
                 for n, t in averages[slot].items():
-                    self._store.load_entry(n, mine_t[n], t)
+                    self._store.load_entry(n, mine_t[n], t, state.get("rank"))
         self._pending_copy = None  # the loaded copies stand until the next update
         self.num_updates = int(state["num_updates"])
         self.num_skipped = int(state.get("num_skipped", 0))

@@ -160,9 +160,16 @@ class ShardedStorage(FlatStorage):
 
         out = dict(views)
         for name, s in self.shards.items():
-            if name in out:
-                out[name] = DTensor.from_local(out[name], s.mesh, s.placements, shape=s.shape, stride=s.stride,
-                                               run_check=False)
+            view = out.get(name)
+            if view is None:
+                continue
+            # torch 2.13 pickles a DTensor whose wrapper has a storage offset as a plain tensor (and
+            # fails): build it on the same-shaped alias at offset 0, then point it at the view
+            base = view if view.storage_offset() == 0 else view.as_strided(view.shape, view.stride(), 0)
+            d = DTensor.from_local(base, s.mesh, s.placements, shape=s.shape, stride=s.stride, run_check=False)
+            if base is not view:
+                d._local_tensor = view
+            out[name] = d
         return out
 
     def before_write(self, model: object) -> None:
@@ -171,15 +178,24 @@ class ShardedStorage(FlatStorage):
 
     # ------------------------------------------------------------------ loading
 
-    def load_entry(self, name: str, view: Tensor, saved: Tensor) -> None:
+    def rank(self) -> int | None:
+        """This process's rank (None without an initialised process group)."""
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
+
+    def load_entry(self, name: str, view: Tensor, saved: Tensor, saved_rank: int | None = None) -> None:
         """Copy a saved tensor into the local view ``view`` of entry ``name``.
 
         ``saved`` may be the DTensor this storage presented (nothing to do when it is this very
         storage, as after ``dcp.load`` into :meth:`~weightavg.Averager.state_dict`), a DTensor with
-        the same sharding, or a full plain tensor (this rank's slice is copied, no communication).
+        the same sharding saved by this same rank (``saved_rank``: the state's ``"rank"``), or a
+        full plain tensor (this rank's slice is copied, no communication).
 
         Raises:
-            MismatchError: a DTensor sharded differently (reshard by loading through ``dcp.load``).
+            MismatchError: a DTensor sharded differently or saved by another rank (a per-rank
+                ``torch.save`` file read by another rank would silently take another rank's shard):
+                load through ``dcp.load``, which reshards.
         """
         s = self.shards.get(name)
         if s is None:
@@ -199,6 +215,12 @@ class ShardedStorage(FlatStorage):
                     f"state holds {name!r} sharded as {_Shard.of(saved).describe()}, this averager as "
                     f"{s.describe()}; load it with torch.distributed.checkpoint.load(avg.state_dict(), ...) "
                     "(which reshards) then avg.load_state_dict(...)")
+            if saved_rank != self.rank():
+                raise MismatchError(
+                    f"state holds {name!r} as the local shard of rank {saved_rank}, but this is rank "
+                    f"{self.rank()}: each rank must load its own shard; save and load sharded averages with "
+                    "torch.distributed.checkpoint (dcp.save(avg.state_dict(), ...), then dcp.load into "
+                    "avg.state_dict() and avg.load_state_dict(...)), which reshards")
             view.copy_(local)
             return
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

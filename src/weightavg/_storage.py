@@ -214,7 +214,11 @@ class FlatStorage:
     def before_write(self, model: object) -> None:
         """Called before the averages are written into ``model``, and before its values are restored."""
 
-    def load_entry(self, name: str, view: Tensor, saved: Tensor) -> None:
+    def rank(self) -> int | None:
+        """The rank a state of this storage records (None: not sharded, states are the same on every rank)."""
+        return None
+
+    def load_entry(self, name: str, view: Tensor, saved: Tensor, saved_rank: int | None = None) -> None:
         """Copy a saved tensor (from a state dict) into the view ``view`` of entry ``name``.
 
         Raises:

@@ -85,6 +85,12 @@ def _run(rank: int, world: int, path: str, phase: str) -> dict[str, object]:
         avg.update(model)
     if phase == "save":
         dcp.save(avg.state_dict(), checkpoint_id=path)
+        # a rank's plain torch.save (per-rank files, no resharding) reloads with weights_only=True
+        mine = Path(path).parent / f"rank{rank}.pt"
+        torch.save(avg.state_dict(), mine)
+        again = wa.Averager(model, rule=_rules())
+        again.load_state_dict(torch.load(mine, weights_only=True))
+        out["torch_save"] = _full(again)
     out["final"] = _full(avg)
     out["counts"] = (avg.num_updates, avg.step, avg.last_step)
     return out
@@ -104,6 +110,8 @@ def test_dcp_saved_on_n_ranks_loads_on_m_and_continues_bit_identically(tmp_path:
                                                                         after: int) -> None:
     ck = str(tmp_path / "ck")
     saved = run_ranks(_run, before, tmp_path / "save", ck, "save")
+    for r in saved:
+        _assert_same(r["torch_save"], r["final"])
     resumed = run_ranks(_run, after, tmp_path / "load", ck, "load")
     straight = run_ranks(_run, before, tmp_path / "straight", ck, "straight")
     for r in resumed:

@@ -330,3 +330,24 @@ def test_a_cast_sharded_model_is_noticed(tmp_path) -> None:
     """DTensor.data_ptr() is always 0: the binding's probe must read the local tensor."""
     for msg in run_ranks(_moved, 2, tmp_path):
         assert "float64" in msg and "build a new Averager" in msg
+
+
+def _other_ranks_file(rank: int, world: int, workdir: str) -> str:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)  # even shards: the other rank's file has the very same shapes
+    fully_shard(model)
+    avg = wa.Averager(model)
+    avg.update(model)
+    torch.save(avg.state_dict(), f"{workdir}/avg{rank}.pt")
+    dist.barrier()
+    avg.load_state_dict(torch.load(f"{workdir}/avg{rank}.pt", weights_only=True))  # its own: fine
+    try:
+        avg.load_state_dict(torch.load(f"{workdir}/avg{(rank + 1) % world}.pt", weights_only=True))
+    except wa.MismatchError as err:
+        return str(err)
+    return ""
+
+
+def test_a_per_rank_file_loaded_by_another_rank_is_refused(tmp_path) -> None:
+    for rank, msg in enumerate(run_ranks(_other_ranks_file, 2, tmp_path, str(tmp_path))):
+        assert f"local shard of rank {1 - rank}" in msg and "'weight'" in msg and "torch.distributed.checkpoint" in msg
