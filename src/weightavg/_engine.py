@@ -12,6 +12,8 @@ The engine is split along its seams:
   pairing by name, caching, storage-change detection).
 - :mod:`weightavg._executor`: how an update runs (:class:`~weightavg._executor.LocalExecutor`:
   check, plans, per-group arithmetic).
+- :mod:`weightavg._sharded`: the siblings for models with DTensor parameters (FSDP2, HSDP, tensor
+  parallel): storage of the local shards, binding of ``to_local()`` views, a check agreed by all ranks.
 - here: :class:`Averager`, which owns the rules, the counters and the state, and reads the averages
   (swap, copy, export, all-reduce, checkpoints).
 
@@ -78,7 +80,13 @@ class Averager:
         nonfinite: what an update whose source holds NaN/Inf does: ``"raise"`` (default, the
             update is refused with :class:`NonFiniteError`), ``"skip"`` (refused and counted in
             ``num_skipped``) or ``"allow"`` (no check). The check reads the source once more and,
-            on an accelerator, costs one device-to-host read per update.
+            on an accelerator, costs one device-to-host read per update. On a sharded model it
+            also all-reduces one flag over the world (every rank must update together), so that
+            every rank refuses or skips alike.
+
+    A model whose parameters are DTensors (FSDP2 ``fully_shard``, HSDP, tensor parallel) is
+    averaged shard by shard: each rank stores and updates its local elements only, with no
+    communication, and reads return DTensors (see :mod:`weightavg._sharded`).
 
     Example:
         >>> import torch, weightavg

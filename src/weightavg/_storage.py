@@ -7,11 +7,10 @@ they tile one range, see :func:`make_contiguous`) and allocates one flat buffer 
 group (``flat[slot][gi]``) plus one per copied group (``copies[gi]``); every tracked tensor is a
 view into it.
 
-A different kind of storage (e.g. the local shards of DTensor parameters) is a sibling class with
-the same attributes (``groups``, ``entries``, ``all_names``, ``flat``, ``copies``) and methods
-(``views``, ``slot_views``, ``flat_layout``): its entries would describe local shards (shape, numel,
-offset of the shard) and its views wrap them back (e.g. ``DTensor.from_local``); the
-:class:`~weightavg._binding.Binder` then binds each source's local tensor (``to_local()``), and the
+A different kind of storage is a subclass overriding the hooks below (``full_shape``, ``present``,
+``before_write``, ``load_entry``, ``gather``, ``rank``): :class:`weightavg._sharded.ShardedStorage`
+lays the same groups out over the local shards of DTensor parameters (entries describe the local
+tensors) and presents its views as DTensors; its binder binds each source's ``to_local()``, and the
 executors run unchanged on local tensors.
 """
 
