@@ -252,12 +252,14 @@ def test_read_swap_copy_and_load_shard_locally(tmp_path) -> None:
 
 
 def _refusals(rank: int, world: int) -> dict[str, str]:
+    from weightavg.swa_utils import AveragedModel
     from weightavg.swag import SWAG
 
     model = _shard(_model("fsdp"), "fsdp", world)
     out = {}
     for what, fn in (("make_contiguous", lambda: wa.make_contiguous(model)),
                      ("swag", lambda: SWAG(model)),
+                     ("averaged_model", lambda: AveragedModel(model)),
                      ("all_reduce", lambda: _all_reduce(model))):
         try:
             fn()
@@ -278,6 +280,7 @@ def test_sharded_models_are_refused_where_unsupported_naming_the_tensor(tmp_path
     for r in run_ranks(_refusals, 2, tmp_path):
         assert "'0.weight'" in r["make_contiguous"] and "DTensor" in r["make_contiguous"]
         assert "SWAG" in r["swag"] and "'0.weight'" in r["swag"]
+        assert "AveragedModel" in r["averaged_model"] and "'0.weight'" in r["averaged_model"]
         assert "all_reduce" in r["all_reduce"] and "'0.weight'" in r["all_reduce"]
 
 
