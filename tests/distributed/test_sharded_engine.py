@@ -43,9 +43,11 @@ def _shard(m: nn.Module, kind: str, world: int) -> nn.Module:
         fully_shard(m, mesh=init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("rep", "shard")))
     elif kind == "tp":
         parallelize_module(m, init_device_mesh("cpu", (world,)), {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    elif kind == "mixed":  # one DTensor parameter in a plain module
+    elif kind == "mixed":  # DTensor parameters on two different meshes in a plain module
         mesh = init_device_mesh("cpu", (world,))
         m[0].weight = nn.Parameter(distribute_tensor(m[0].weight.detach(), mesh, [Shard(0)]))
+        mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("a", "b"))
+        m[3].weight = nn.Parameter(distribute_tensor(m[3].weight.detach(), mesh2, [Replicate(), Shard(1)]))
     return m
 
 
@@ -117,9 +119,10 @@ def test_fsdp2_bf16_model_keeps_a_float32_local_average(tmp_path) -> None:
     _check_against_reference(res, "fsdp", torch.bfloat16)
 
 
-def test_one_dtensor_parameter_in_a_plain_model(tmp_path) -> None:
+def test_dtensor_parameters_on_two_meshes_in_a_plain_model(tmp_path) -> None:
     res = run_ranks(_train_and_average, 3, tmp_path, "mixed")
-    assert res[0]["types"] == {**{n: "Tensor" for n in res[0]["types"]}, "0.weight": "DTensor"}
+    assert res[0]["types"] == {**{n: "Tensor" for n in res[0]["types"]}, "0.weight": "DTensor", "3.weight": "DTensor"}
+    assert res[0]["placements"]["3.weight"] == str((Replicate(), Shard(1)))
     _check_against_reference(res, "mixed")
 
 
