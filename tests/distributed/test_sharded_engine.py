@@ -357,3 +357,29 @@ def _other_ranks_file(rank: int, world: int, workdir: str) -> str:
 def test_a_per_rank_file_loaded_by_another_rank_is_refused(tmp_path) -> None:
     for rank, msg in enumerate(run_ranks(_other_ranks_file, 2, tmp_path, str(tmp_path))):
         assert f"local shard of rank {1 - rank}" in msg and "'weight'" in msg and "torch.distributed.checkpoint" in msg
+
+
+def _copy_into_unsharded_root(rank: int, world: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5))
+    fully_shard(model)  # one unit: its root stays unsharded after an eval forward
+    avg = wa.Averager(model)
+    avg.update(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the live weights move away from the average
+        x = torch.ones(2, 4)
+        model(x)  # leaves the root unsharded (plain full parameters)
+        avg.copy_to(model)  # must reshard first, or the next forward runs on the stale unsharded copy
+        y = model(x)
+    return {"y": y, "avg": {n: t.full_tensor() for n, t in avg.averaged_tensors().items()}}
+
+
+def test_copy_to_reaches_an_fsdp2_root_left_unsharded_by_an_eval_forward(tmp_path) -> None:
+    res = run_ranks(_copy_into_unsharded_root, 2, tmp_path)
+    ref = nn.Sequential(nn.Linear(4, 5))
+    ref.load_state_dict(res[0]["avg"])
+    with torch.no_grad():
+        y_ref = ref(torch.ones(2, 4))
+    for r in res:
+        torch.testing.assert_close(r["y"], y_ref)
