@@ -383,3 +383,27 @@ def test_copy_to_reaches_an_fsdp2_root_left_unsharded_by_an_eval_forward(tmp_pat
         y_ref = ref(torch.ones(2, 4))
     for r in res:
         torch.testing.assert_close(r["y"], y_ref)
+
+
+def _swap_with_unsharded_root(rank: int, world: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5))
+    fully_shard(model)
+    avg = wa.Averager(model)
+    avg.update(model)
+    x = torch.ones(2, 4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        live = model(x)
+        model.reshard()
+        with avg.swapped_in(model):
+            inside = model(x)  # leaves the root unsharded, holding the averaged weights
+        after = model(x)  # must run on the restored live weights
+    return {"live": live, "inside": inside, "after": after}
+
+
+def test_swapped_in_restores_an_fsdp2_root_left_unsharded_inside_the_block(tmp_path) -> None:
+    for r in run_ranks(_swap_with_unsharded_root, 2, tmp_path):
+        assert not torch.equal(r["inside"], r["live"])
+        assert torch.equal(r["after"], r["live"])
