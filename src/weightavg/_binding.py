@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ._errors import MismatchError, describe_mismatch
 from ._names import Source, source_tensors, unwrap_model
-from ._storage import FlatStorage, _tiling
+from ._storage import FlatStorage, _Group, _tiling
 
 if TYPE_CHECKING:
     from ._executor import _Plan
@@ -37,7 +37,7 @@ class _Binding:
 
     model_ref: Any
     srcs: list[list[Tensor]]  # per group: 1-D source views (the tensor itself if not contiguous)
-    probes: list[Tensor | None]  # each group's first source tensor object (Parameter or buffer)
+    probes: list[Any]  # per group: its first source tensor object (Parameter or buffer), or None
     fingerprint: list[int]  # its data_ptr at binding time (a change means .to()/.half()/assign)
     flat: list[bool]  # per group: every source is a 1-D view
     spans: list[Tensor | None]  # per group: one 1-D view over all its sources, when they tile a range
@@ -127,7 +127,7 @@ class Binder:
                     self.last = b
                     return b
         store = self.storage
-        tensors = source_tensors(source, "model")
+        tensors, originals = self.collect(source)
         missing = sorted(n for n in store.entries if n not in tensors)
         unexpected = sorted(n for n in set(tensors) - store.all_names)
         reshaped = [(n, tuple(e.shape), tuple(tensors[n][0].shape)) for n, e in store.entries.items()
@@ -138,9 +138,9 @@ class Binder:
                 + describe_mismatch(missing, unexpected, reshaped)
             )
         srcs: list[list[Tensor]] = []
-        probes: list[Tensor | None] = []
+        probes: list[Any] = []
         for g in store.groups:
-            probes.append(tensors[g.entries[0].name][0] if g.entries else None)
+            probes.append(self.probe(g, originals))
             row = []
             for e in g.entries:
                 t = tensors[e.name][0]
@@ -171,6 +171,16 @@ class Binder:
         else:
             b = _Binding(_dead_ref, srcs, probes, fingerprint, flat, spans)
         return b
+
+    def collect(self, source: Source) -> tuple[dict[str, tuple[Tensor, bool]], dict[str, tuple[Tensor, bool]]]:
+        """The source's ``name -> (tensor, is_param)`` as the storage's entries describe them, and
+        as the source holds them (the same here; see :class:`weightavg._sharded.ShardedBinder`)."""
+        tensors = source_tensors(source, "model")
+        return tensors, tensors
+
+    def probe(self, g: _Group, tensors: dict[str, tuple[Tensor, bool]]) -> Any:
+        """What tells a group's storage was replaced: an object whose ``data_ptr()`` changes then."""
+        return tensors[g.entries[0].name][0] if g.entries else None
 
     def refresh(self) -> None:
         """Forget every cached binding."""

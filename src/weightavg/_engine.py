@@ -15,6 +15,8 @@ The engine is split along its seams:
 - :mod:`weightavg._deferred`: the sibling executor whose non-finite check stays on the device
   (masked updates, device counters, refusals reported when the Averager settles before a read).
 - :mod:`weightavg._exchange`: putting an average into a live model and back (in-place exchange).
+- :mod:`weightavg._sharded`: the siblings for models with DTensor parameters (FSDP2, HSDP, tensor
+  parallel): storage of the local shards, binding of ``to_local()`` views, a check agreed by all ranks.
 - here: :class:`Averager`, which owns the rules, the counters and the state, and reads the averages
   (swap, copy, export, all-reduce, checkpoints).
 
@@ -51,6 +53,7 @@ from ._exchange import Swap
 from ._executor import CheckMode, NonFinitePolicy, make_executor
 from ._names import Source, canonical_name, named_tensors, source_tensors, state_dict_names, tied_names, unwrap_model
 from ._rules import Rule, UpdateInfo
+from ._sharded import ShardedBinder, ShardedStorage, has_dtensor, refuse_sharded
 from ._storage import BufferPolicy, FlatStorage, make_contiguous
 
 __all__ = ["Averager", "canonical_name", "make_contiguous", "named_tensors", "unwrap_model"]
@@ -88,6 +91,12 @@ class Averager:
             ``num_skipped``, ``state_dict``, ``swapped_in``, exports, ``summary`` or :meth:`settle`),
             or ``"auto"`` (default: deferred when everything lives on one CUDA device and every
             rule is a built-in one, host otherwise).
+            On a sharded model the check also all-reduces one flag over the world (every rank must
+            update together), so that every rank refuses or skips alike; it is always a host check.
+
+    A model whose parameters are DTensors (FSDP2 ``fully_shard``, HSDP, tensor parallel) is
+    averaged shard by shard: each rank stores and updates its local elements only, with no
+    communication, and reads return DTensors (see :mod:`weightavg._sharded`).
 
     Example:
         >>> import torch, weightavg
@@ -161,16 +170,19 @@ class Averager:
                 f"{', ...' if len(meta) > 5 else ''}), which hold no values; expected a materialised model "
                 "(e.g. call model.to_empty(device=...) and load its weights before building the Averager)")
         # storage made under torch.inference_mode() (a validation hook) would be inference tensors,
-        # which later updates outside it could not write
+        # which later updates outside it could not write; a model with DTensors (FSDP2, tensor
+        # parallel) keeps its local shards (weightavg._sharded)
+        sharded = has_dtensor(tensors)
+        storage_cls = ShardedStorage if sharded else FlatStorage
         with torch.inference_mode(False):
-            self._store = FlatStorage(tensors, list(self.rules), params=params, include=self.include,
+            self._store = storage_cls(tensors, list(self.rules), params=params, include=self.include,
                                       exclude=self.exclude, buffers=buffers, dtype=dtype, device=self.device)
         if not self._store.entries:
             raise bad_arg("model", type(model).__name__,
                           "a model with at least one tensor to track (check params/include/exclude)")
         self._groups = self._store.groups  # aliases, read-only
         self._entries = self._store.entries
-        self._binder = Binder(self._store)
+        self._binder = ShardedBinder(self._store) if sharded else Binder(self._store)
         # other names of tied tracked tensors (each is tracked once, under its first name)
         self._tied = ({n: names for n, names in tied_names(model).items() if n in self._store.entries}
                       if isinstance(model, nn.Module) else {})
@@ -360,8 +372,14 @@ class Averager:
         """Canonical name -> the stored average (a view, in the averager's dtype and device).
 
         Copied tensors (integer buffers, ``buffers="copy"``) are included with their latest value.
-        Writing into these views changes the average.
+        Writing into these views changes the average. For a sharded model the averages of its
+        DTensors are DTensors with the same mesh, placements and global shape, whose local tensor is
+        this rank's stored shard (no copy, no communication).
         """
+        return self._store.present(self._local_averages(which))
+
+    def _local_averages(self, which: str | None) -> dict[str, Tensor]:
+        """Canonical name -> the stored view (for a sharded model: this rank's local shard)."""
         slot = self._slot(which)
         self._settle()
         self.sync_copies()
@@ -426,7 +444,8 @@ class Averager:
         return out
 
     def export_state_dict(
-        self, model: nn.Module | None = None, *, which: str | None = None
+        self, model: nn.Module | None = None, *, which: str | None = None, full: bool = False,
+        rank0_only: bool = False, cpu: bool = False,
     ) -> dict[str, Tensor]:
         """The averaged weights as a state dict that loads into the *unwrapped* model.
 
@@ -434,8 +453,32 @@ class Averager:
         averager does not track (ignored buffers, frozen parameters, excluded names) are filled
         from it, so the result loads with ``strict=True``. Every name of a shared (tied) tensor
         carries its average (as in ``state_dict()``, those names share one tensor).
+
+        For a sharded model (DTensor parameters) the averages of sharded tensors are DTensors with
+        the parameters' placements (each rank copies its own shard: no communication), unless:
+
+        Args:
+            full: gather each sharded tensor into a full plain tensor, one tensor at a time (a
+                collective per tensor: every rank must call this), so the extra memory at any
+                moment is one full tensor (on every rank, less with ``rank0_only``).
+            rank0_only: with torch.distributed initialised, keep the tensors on rank 0 only (the
+                other ranks take part in the gathers and return ``{}``).
+            cpu: move the exported tensors to the host.
         """
         self._require_update()
+        keep = True
+        if rank0_only:
+            import torch.distributed as dist
+
+            keep = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        store = self._store
+
+        def export(name: str, t: Tensor, copy: bool = True) -> Tensor:
+            if full:
+                t = store.gather(name, t)  # full_tensor() of a Replicate() DTensor is an alias: copy
+            t = t.detach()
+            return t.to(device="cpu" if cpu else t.device, copy=copy)
+
         out: dict[str, Tensor] = {}
         tied = self._tied
         if model is not None:
@@ -443,10 +486,22 @@ class Averager:
                 raise bad_arg("model", type(model).__name__, "a torch.nn.Module or None")
             names = state_dict_names(model)
             for k, v in unwrap_model(model).state_dict().items():
-                out[names.get(k) or canonical_name(k)] = v.detach().clone()
+                name = names.get(k) or canonical_name(k)
+                if name not in self._entries:  # filled from the model (tracked names come next)
+                    t = export(name, v)
+                    if keep:
+                        out[name] = t
             tied = tied_names(model)
-        for name, t in self.averaged_tensors(which).items():
-            out[name] = avg = t.detach().to(self._entries[name].dtype, copy=True)
+        locals_ = self._local_averages(which)
+        for name, t in locals_.items():
+            # convert the local shard, then present it (a sharded entry's copy is a DTensor too)
+            local = t.to(self._entries[name].dtype, copy=True)
+            avg = store.present({name: local})[name]
+            if full or cpu:
+                avg = export(name, avg, copy=False)  # `local` is a fresh copy already
+            if not keep:
+                continue
+            out[name] = avg
             for other in tied.get(name, ()):
                 out[other] = avg
         return out
@@ -456,12 +511,13 @@ class Averager:
         """Write the averages into the model's tensors, in place (permanently)."""
         self._require_update()
         tensors = self._paired(model)
-        for name, avg in self.averaged_tensors(which).items():
+        for name, avg in self._local_averages(which).items():
             tensors[name].copy_(avg)
 
     def _paired(self, model: nn.Module) -> dict[str, Tensor]:
         if not isinstance(model, nn.Module):
             raise bad_arg("model", type(model).__name__, "a torch.nn.Module")
+        self._store.before_write(model)  # sharded: FSDP2 units resharded, so writes reach the shards
         return self._binder.paired(self._bind(model))
 
     @contextlib.contextmanager
@@ -484,13 +540,14 @@ class Averager:
         slot = self._slot(which)
         self._not_swapped("swapped_in()")
         tensors = self._paired(model)
-        swap = Swap(tensors, self.averaged_tensors(slot), self._param_names(model))
+        swap = Swap(tensors, self._local_averages(slot), self._param_names(model))
         swap.enter()
         self._swap = (slot, swap)
         try:
             yield model
         finally:
             self._swap = None
+            self._store.before_write(model)  # sharded: FSDP2 units resharded, so the restore reaches the shards
             swap.exit()
 
     @torch.no_grad()
@@ -511,7 +568,7 @@ class Averager:
         unknown = [n for n in names if n not in self._entries]
         if unknown:
             raise bad_arg("names", unknown[:10], "canonical names tracked by this averager")
-        stored = self.averaged_tensors(which)
+        stored = self._local_averages(which)
         swap = self._swap[1] if self._swap is not None and self._swap[0] == self._slot(which) else None
         for n in names:
             if swap is not None and n in swap.exchanged_set:
@@ -536,6 +593,7 @@ class Averager:
             raise StateError("all_reduce needs an initialised torch.distributed process group")
         self._require_update()
         self._not_swapped("all_reduce()")
+        refuse_sharded(self._store, "Averager.all_reduce (it would mix different shards)")
         world = dist.get_world_size(group)
         for slot in self.rules:
             for gi, g in enumerate(self._groups):
@@ -565,8 +623,12 @@ class Averager:
         """Counters, configuration and averages: enough to continue exactly after a restart.
 
         Tensors are views that share one flat storage per group (``torch.save`` writes it once).
+        ``averages`` is present from construction on (zeros until the first update), so that
+        ``torch.distributed.checkpoint.load`` can load into a fresh averager's state. For a sharded
+        model the averages of sharded tensors are DTensors (see :meth:`averaged_tensors`): DCP writes
+        each shard once and reshards on load; the structure is the same as without sharding.
         """
-        return {
+        state = {
             "format": "weightavg.Averager",
             "format_version": FORMAT_VERSION,
             "config": self.config(),
@@ -574,8 +636,12 @@ class Averager:
             "num_skipped": self.num_skipped,
             "step": self.step,
             "last_step": self.last_step,
-            "averages": {s: self.averaged_tensors(s) for s in self.rules} if self.num_updates else {},
+            "averages": {s: self.averaged_tensors(s) for s in self.rules},
         }
+        rank = self._store.rank()
+        if rank is not None:  # sharded: whose local shards a torch.save of this state holds
+            state["rank"] = rank
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
@@ -604,16 +670,16 @@ class Averager:
                 saved = averages[slot]
                 missing = sorted(set(self._entries) - set(saved))
                 unexpected = sorted(set(saved) - set(self._entries))
-                reshaped = [(n, tuple(saved[n].shape), tuple(e.shape)) for n, e in self._entries.items()
-                            if n in saved and saved[n].shape != e.shape]
+                reshaped = [(n, tuple(saved[n].shape), tuple(self._store.full_shape(n))) for n in self._entries
+                            if n in saved and saved[n].shape != self._store.full_shape(n)]
                 if missing or unexpected or reshaped:
                     raise MismatchError("state does not match the tracked tensors: "
                                         + describe_mismatch(missing, unexpected, reshaped,
                                                             left="averager", right="state"))
             for slot in self.rules:
-                mine_t = self.averaged_tensors(slot)
+                mine_t = self._local_averages(slot)
                 for n, t in averages[slot].items():
-                    mine_t[n].copy_(t)
+                    self._store.load_entry(n, mine_t[n], t, state.get("rank"))
         self._pending_copy = None  # the loaded copies stand until the next update
         self._num_updates = int(state["num_updates"])
         self._num_skipped = int(state.get("num_skipped", 0))

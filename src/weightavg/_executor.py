@@ -104,6 +104,8 @@ def make_executor(
 ) -> Executor:
     """The executor for this storage and configuration (the only place that chooses).
 
+    For the local shards of a sharded model: its sibling :class:`weightavg._sharded.ShardedExecutor`
+    (host check, one all-reduced flag per checked update).
     A :class:`~weightavg._deferred.DeferredExecutor` (the non-finite check stays on the device) when
     asked (``check="deferred"``), or by default when the averages and sources all live on one CUDA
     device and every rule has a device form; otherwise a :class:`LocalExecutor` (``"allow"`` needs no
@@ -114,6 +116,13 @@ def make_executor(
     """
     from ._deferred import DeferredExecutor, supports_deferred
 
+    if storage.sharded:
+        if check == "deferred":
+            raise bad_arg("check", check, "'auto' or 'host' for a sharded model (its check all-reduces a flag "
+                          "across the ranks)")
+        from ._sharded import ShardedExecutor
+
+        return ShardedExecutor(storage, rules, nonfinite)
     if check == "host" or nonfinite == "allow":
         return LocalExecutor(storage, rules, nonfinite)
     devices = {g.dev for g in storage.groups} | {g.src_device for g in storage.groups}
@@ -173,7 +182,7 @@ class LocalExecutor(Executor):
                 total = self._check_plan(fast)
             else:
                 staged, total = self._check(binding)
-            if not math.isfinite(float(total)):
+            if not self.finite(total):
                 bad = self._nonfinite_names(binding)
                 if bad:
                     if self.nonfinite == "skip":
@@ -191,6 +200,10 @@ class LocalExecutor(Executor):
                     if g.averaged:
                         self._update_group(gi, g, binding, weights, info, staged.get(gi))
         return True
+
+    def finite(self, total: Tensor | float) -> bool:
+        """The verdict of the check on the sources' total (see weightavg._sharded.ShardedExecutor)."""
+        return math.isfinite(float(total))
 
     def _plan(self, binding: _Binding) -> _Plan | None:
         """Flatten this binding's update into torch calls (None: it needs the general path)."""

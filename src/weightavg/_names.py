@@ -144,8 +144,15 @@ def tied_names(model: nn.Module) -> dict[str, list[str]]:
 
 
 def source_tensors(source: Source, what: str = "model") -> dict[str, tuple[Tensor, bool]]:
-    """Canonical name -> (tensor, is_parameter) of a module or a mapping (mapping: floating = param)."""
+    """Canonical name -> (tensor, is_parameter) of a module or a mapping (mapping: floating = param).
+
+    A module's FSDP2 units are resharded first, and FSDP1 / DeepSpeed ZeRO-3 refused (see
+    :func:`weightavg._sharded.prepare_module`).
+    """
     if isinstance(source, nn.Module):
+        from ._sharded import prepare_module
+
+        prepare_module(source)
         return named_tensors(source)
     if isinstance(source, Mapping):
         out: dict[str, tuple[Tensor, bool]] = {}

@@ -7,11 +7,10 @@ they tile one range, see :func:`make_contiguous`) and allocates one flat buffer 
 group (``flat[slot][gi]``) plus one per copied group (``copies[gi]``); every tracked tensor is a
 view into it.
 
-A different kind of storage (e.g. the local shards of DTensor parameters) is a sibling class with
-the same attributes (``groups``, ``entries``, ``all_names``, ``flat``, ``copies``) and methods
-(``views``, ``slot_views``, ``flat_layout``): its entries would describe local shards (shape, numel,
-offset of the shard) and its views wrap them back (e.g. ``DTensor.from_local``); the
-:class:`~weightavg._binding.Binder` then binds each source's local tensor (``to_local()``), and the
+A different kind of storage is a subclass overriding the hooks below (``full_shape``, ``present``,
+``before_write``, ``load_entry``, ``gather``, ``rank``): :class:`weightavg._sharded.ShardedStorage`
+lays the same groups out over the local shards of DTensor parameters (entries describe the local
+tensors) and presents its views as DTensors; its binder binds each source's ``to_local()``, and the
 executors run unchanged on local tensors.
 """
 
@@ -25,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._errors import bad_arg
+from ._errors import ConfigError, MismatchError, bad_arg
 from ._names import unwrap_model
 
 __all__ = ["FlatStorage", "make_contiguous"]
@@ -86,6 +85,8 @@ class FlatStorage:
     ``entries`` is empty when nothing matched (the caller raises, naming its argument).
     """
 
+    sharded = False  # see weightavg._sharded.ShardedStorage
+
     def __init__(
         self,
         tensors: dict[str, tuple[Tensor, bool]],
@@ -112,11 +113,11 @@ class FlatStorage:
         self.flat: dict[str, list[Tensor]] = {}
         for slot in slots:
             self.flat[slot] = [
-                torch.empty(g.numel, dtype=g.dtype, device=g.dev) if g.averaged else torch.empty(0)
+                torch.zeros(g.numel, dtype=g.dtype, device=g.dev) if g.averaged else torch.empty(0)
                 for g in self.groups
             ]
         self.copies = [
-            torch.empty(g.numel, dtype=g.dtype, device=g.dev) if not g.averaged else torch.empty(0)
+            torch.zeros(g.numel, dtype=g.dtype, device=g.dev) if not g.averaged else torch.empty(0)
             for g in self.groups
         ]
 
@@ -198,6 +199,42 @@ class FlatStorage:
         flat = self.flat[slot][gi]
         return [flat[e.offset : e.offset + e.numel].view(e.shape) for e in self.groups[gi].entries]
 
+    # the hooks a sharded storage overrides (weightavg._sharded.ShardedStorage): for this one, a
+    # stored tensor is its own full tensor
+
+    def full_shape(self, name: str) -> torch.Size:
+        """Shape of the tracked tensor ``name`` as the model sees it."""
+        return self.entries[name].shape
+
+    def present(self, views: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Views as the user reads them (here: unchanged)."""
+        return views
+
+    def before_write(self, model: object) -> None:
+        """Called before the averages are written into ``model``, and before its values are restored."""
+
+    def rank(self) -> int | None:
+        """The rank a state of this storage records (None: not sharded, states are the same on every rank)."""
+        return None
+
+    def load_entry(self, name: str, view: Tensor, saved: Tensor, saved_rank: int | None = None) -> None:
+        """Copy a saved tensor (from a state dict) into the view ``view`` of entry ``name``.
+
+        Raises:
+            MismatchError: ``saved`` is a DTensor (a sharded averager's state) and this averager is
+                not sharded: load such a state with ``torch.distributed.checkpoint.load``.
+        """
+        if type(saved).__name__ == "DTensor":
+            raise MismatchError(
+                f"state holds {name!r} as a DTensor (a sharded averager's state), this averager tracks a plain "
+                "tensor; load it with torch.distributed.checkpoint.load(avg.state_dict(), checkpoint_id=...) "
+                "then avg.load_state_dict(...)")
+        view.copy_(saved)
+
+    def gather(self, name: str, value: Tensor) -> Tensor:
+        """The full tensor of a presented value (here: the value itself)."""
+        return value
+
     def flat_layout(self) -> dict[str, tuple[int, int, torch.Size]]:
         """Name -> (start, stop, shape) of each averaged tensor in the groups' concatenation."""
         out: dict[str, tuple[int, int, torch.Size]] = {}
@@ -239,10 +276,20 @@ def make_contiguous(model: nn.Module, *, buffers: bool = True) -> nn.Module:
 
     Returns:
         The model.
+
+    Raises:
+        ConfigError: a parameter is a DTensor (a sharded model: its storage belongs to FSDP2 /
+            the tensor-parallel plan).
     """
     if not isinstance(model, nn.Module):
         raise bad_arg("model", type(model).__name__, "a torch.nn.Module")
     root = unwrap_model(model)
+    for pname, param in root.named_parameters():
+        if type(param).__name__ == "DTensor" or hasattr(param, "device_mesh"):
+            raise ConfigError(
+                f"make_contiguous cannot move parameter {pname!r}: it is a DTensor (FSDP2 / tensor "
+                "parallel), whose storage the sharding owns; build the Averager without make_contiguous "
+                "(it averages the local shards as they are)")
     params: list[tuple[Tensor, list[tuple[nn.Module, str]]]] = []
     bufs: list[tuple[Tensor, list[tuple[nn.Module, str]]]] = []
     where: dict[int, list[tuple[nn.Module, str]]] = {}

@@ -71,6 +71,7 @@ from ._engine import FORMAT_VERSION, Averager, NonFinitePolicy, named_tensors, u
 from ._errors import MismatchError, StateError, bad_arg, describe_mismatch
 from ._rules import Rule, custom, ema, inplace, mean
 from ._schedules import ANNEAL_STRATEGIES, anneal_factor
+from ._sharded import refuse_dtensor_model
 
 __all__ = [
     "SWALR",
@@ -364,6 +365,9 @@ class AveragedModel(nn.Module):
         if not isinstance(use_buffers, bool):
             raise bad_arg("use_buffers", use_buffers, "True or False")
         rule = _rule_for(avg_fn, multi_avg_fn)
+        # a copy of the whole model: not for sharded models (FSDP2 refuses deepcopy)
+        refuse_dtensor_model(model, "weightavg.swa_utils.AveragedModel (a copy of the whole model; use "
+                             "weightavg.Averager(model, rule=...), which averages each rank's shards in place)")
         dev = torch.device(device) if device is not None else None
         avg = Averager(model, rule=rule, buffers="average" if use_buffers else "copy", dtype=None,
                        device=dev, nonfinite=nonfinite)

@@ -215,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_average_flags(p)
     p.set_defaults(func=cmd_average)
 
+    # ------------------------------------------------------------------ export (DCP -> safetensors)
+    from ._export import add_export_parser
+
+    add_export_parser(sub)
+
     # ------------------------------------------------------------------ plot-lr
     p = sub.add_parser(
         "plot-lr", help="draw an SWA learning-rate schedule (SWALR) as PNG",

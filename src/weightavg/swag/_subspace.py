@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .._engine import unwrap_model
 from .._errors import StateError, bad_arg
+from .._sharded import refuse_dtensor_model
 from ._bma import _move, eval_mode
 from ._swag import SWAG, check_num_samples, model_targets
 
@@ -220,6 +221,7 @@ class SubspaceInference:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 \
                     or not math.isfinite(v):
                 raise bad_arg(name, v, "a finite float > 0")
+        refuse_dtensor_model(model, "weightavg.swag.SubspaceInference")
         self._targets = model_targets(subspace.layout, model)  # checks names and shapes
         self.model = model
         self.subspace = subspace

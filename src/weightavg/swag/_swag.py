@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .._engine import Averager, Source, named_tensors, unwrap_model
 from .._errors import MismatchError, StateError, bad_arg, describe_mismatch
 from .._rules import mean
+from .._sharded import refuse_sharded
 from ._io import PathLike, dtype_from_name, load_state, save_state
 
 __all__ = ["SWAG", "last_layer"]
@@ -156,6 +157,7 @@ class SWAG:
             model, rule={"mean": mean(), "sq": mean(power=2)}, params=params, include=include,
             exclude=exclude, buffers="ignore", dtype=torch.float64, device=device,
         )
+        refuse_sharded(self.averager._store, "weightavg.swag.SWAG")
         self._layout = self.averager.flat_layout()
         if not self._layout:
             raise bad_arg("model", type(model).__name__,
