@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import weightavg
+
 
 def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
@@ -45,6 +47,7 @@ def docs_namespace() -> dict[str, Any]:
 
     return {
         "torch": torch,
+        "wa": weightavg,
         "nn": nn,
         "copy": copy,
         "model": model,

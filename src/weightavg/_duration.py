@@ -39,7 +39,7 @@ class Duration:
         ConfigError: an unknown unit, or a value that is negative, NaN, infinite, above ``2**63 - 1``,
             above 1 for ``"dur"``, or fractional for ``"ba"``/``"sp"``/``"tok"``.
 
-    Example:
+    Examples:
         >>> Duration.parse("5ba")
         Duration(value=5, unit='ba')
         >>> Duration.parse("0.7dur").value

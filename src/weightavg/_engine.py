@@ -98,7 +98,7 @@ class Averager:
     averaged shard by shard: each rank stores and updates its local elements only, with no
     communication, and reads return DTensors (see :mod:`weightavg._sharded`).
 
-    Example:
+    Examples:
         >>> import torch, weightavg
         >>> model = torch.nn.Linear(3, 1)
         >>> avg = weightavg.Averager(model, rule=weightavg.ema(decay=0.9))

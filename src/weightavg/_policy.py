@@ -871,7 +871,7 @@ class SWA(AveragingPolicy):
         **kwargs: see :class:`AveragingPolicy` (``eval_with``, ``final``, ``recompute_bn``,
             ``bn_batches``, averager options...).
 
-    Example:
+    Examples:
         >>> import torch, weightavg
         >>> model = torch.nn.Linear(2, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -981,7 +981,7 @@ class EMA(AveragingPolicy):
             (``buffers='average'``); ``True`` recomputes them like :class:`SWA`.
         **kwargs: see :class:`AveragingPolicy`.
 
-    Example:
+    Examples:
         >>> import torch, weightavg
         >>> model = torch.nn.Linear(2, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)

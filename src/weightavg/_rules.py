@@ -97,7 +97,7 @@ def mean(*, power: int = 1) -> Rule:
     Args:
         power: 1 averages the weights; 2 averages their squares (SWAG's second moment).
 
-    Example:
+    Examples:
         >>> import torch, weightavg
         >>> m = torch.nn.Linear(2, 1)
         >>> avg = weightavg.Averager(m, rule=weightavg.mean())
@@ -272,7 +272,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     Raises:
         ConfigError: ``sigma_rel`` is not a number in ``(0, φ^(−5/2) ≈ 0.30028]``.
 
-    Example:
+    Examples:
         >>> round(sigma_rel_to_gamma(0.10), 2)
         6.94
     """

@@ -67,7 +67,7 @@ def swa_anneal_lr(start_lr: float, swa_lr: float, index: int, anneal_steps: int,
         This is the learning rate of ``torch.optim.swa_utils.SWALR`` after ``index`` steps when
         nothing else changes the learning rate.
 
-    Example:
+    Examples:
         >>> swa_anneal_lr(0.1, 0.01, 5, 10, "linear")
         0.055
     """
@@ -85,7 +85,7 @@ def swa_cyclic_lr(max_lr: float, min_lr: float, index: int, cycle_steps: int,
         ``min_lr`` at its last step, where the weights are averaged (fast-SWA averages several
         times per cycle).
 
-    Example:
+    Examples:
         >>> [round(swa_cyclic_lr(0.1, 0.0, i, 4), 3) for i in range(5)]
         [0.075, 0.05, 0.025, 0.0, 0.075]
     """
@@ -121,7 +121,7 @@ def fast_swa_lr(max_lr: float, index: int, *, cycle_start: int, cycle_steps: int
         :func:`fast_swa_update`. This is not the original SWA paper's cycle
         (:func:`swa_cyclic_lr`, :class:`SWACyclicLR`: linear from ``max_lr`` to ``min_lr`` each cycle).
 
-    Example:
+    Examples:
         >>> [round(fast_swa_lr(1.0, i, cycle_start=4, cycle_steps=2), 3) for i in range(8)]
         [1.0, 0.854, 0.5, 0.146, 0.5, 0.146, 0.5, 0.146]
     """
@@ -141,7 +141,7 @@ def fast_swa_update(index: int, *, cycle_start: int, cycle_steps: int, interval:
         cycle, at its lowest rate (SWA); ``interval < c`` several times per cycle (fast-SWA). The
         same points as ``weightavg.SWA(swa_start=ℓ0 − c, update_interval=interval)`` in steps.
 
-    Example:
+    Examples:
         >>> [i for i in range(12) if fast_swa_update(i, cycle_start=6, cycle_steps=4, interval=2)]
         [3, 5, 7, 9, 11]
     """
@@ -217,7 +217,7 @@ class SWAAnnealLR(_PhaseLR):
         start: scheduler steps before the phase begins.
         last_epoch: as in every torch scheduler (-1 to start fresh).
 
-    Example:
+    Examples:
         >>> import torch
         >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
         >>> sched = SWAAnnealLR(opt, swa_lr=0.01, anneal_steps=2, anneal_strategy="linear", start=1)
@@ -266,7 +266,7 @@ class SWACyclicLR(_PhaseLR):
         ``t = ((i mod c) + 1) / c``, ``lr = max_lr + (min_lr − max_lr) · f(t)`` at phase index
         ``i``, cycle length ``c`` and anneal function ``f`` (``"linear"`` as in the SWA paper).
 
-    Example:
+    Examples:
         >>> import torch
         >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
         >>> sched = SWACyclicLR(opt, min_lr=0.0, cycle_steps=2)
@@ -323,7 +323,7 @@ class FastSWALR(LRScheduler):
         min_lr: the bottom of the cosine, a float or one per param group.
         last_epoch: as in every torch scheduler (-1 to start fresh).
 
-    Example:
+    Examples:
         >>> import torch
         >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1.0)
         >>> sched = FastSWALR(opt, cycle_start=4, cycle_steps=2)

@@ -90,7 +90,7 @@ def compute_ema(model: nn.Module, ema_model: nn.Module, smoothing: float = 0.99)
         ConfigError: ``smoothing`` outside [0, 1].
         MismatchError: the two models' tensors do not pair by name and shape.
 
-    Example:
+    Examples:
         >>> import copy, torch
         >>> from weightavg.functional import compute_ema
         >>> model = torch.nn.Linear(2, 1)

@@ -16,7 +16,7 @@ the callback only turns the trainer's events into policy calls:
   averages; resuming continues exactly;
 * train end -> ``policy.end()``: final BatchNorm refresh, the module holds the averaged weights.
 
-Example:
+Examples:
     >>> import lightning.pytorch as pl
     >>> from weightavg.lightning import SWA, EMA, StochasticWeightAveraging
     >>> trainer = pl.Trainer(max_epochs=3, callbacks=[SWA(swa_start="1ep", swa_end="2ep",
@@ -365,7 +365,7 @@ class SWA(WeightAveraging):
     """Lightning callback for :class:`weightavg.SWA` (same arguments, plus ``target``,
     ``bn_data`` and ``bn_forward_fn``).
 
-    Example:
+    Examples:
         >>> cb = SWA(swa_start="1ep", swa_end="2ep", update_interval="5ba")  # doctest: +SKIP
     """
 
@@ -379,7 +379,7 @@ class EMA(WeightAveraging):
     """Lightning callback for :class:`weightavg.EMA` (same arguments, plus ``target``,
     ``bn_data`` and ``bn_forward_fn``).
 
-    Example:
+    Examples:
         >>> cb = EMA(half_life="50ba")  # doctest: +SKIP
     """
 

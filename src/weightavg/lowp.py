@@ -161,7 +161,7 @@ class LowPrecision:
     Raises:
         ConfigError: a bad optimizer, word length, block or module.
 
-    Example:
+    Examples:
         >>> import torch, weightavg
         >>> from weightavg.lowp import LowPrecision
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))

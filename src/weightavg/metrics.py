@@ -5,7 +5,7 @@ All functions take ``probs`` of shape (N, C) and integer ``labels`` of shape (N,
 ``max(1e-3, 4·eps)`` (``eps`` of the tensor's dtype: 1e-3 for float32/float64, about 0.004 for
 float16 and 0.03 for bfloat16); logits or unnormalised scores raise :class:`ConfigError`.
 
-Example:
+Examples:
     >>> import torch
     >>> from weightavg import metrics
     >>> probs = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])

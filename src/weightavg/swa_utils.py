@@ -335,7 +335,7 @@ class AveragedModel(nn.Module):
     Raises:
         ConfigError: both ``avg_fn`` and ``multi_avg_fn``, or a non-callable one.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from weightavg.swa_utils import AveragedModel, get_ema_multi_avg_fn
         >>> model = torch.nn.Linear(3, 1)
@@ -675,7 +675,7 @@ class SWALR(LRScheduler):
         ConfigError: a negative/non-numeric ``swa_lr``, a list of the wrong length, a negative or
             non-int ``anneal_epochs``, or an unknown ``anneal_strategy``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from weightavg.swa_utils import SWALR
         >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1.0)

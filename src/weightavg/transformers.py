@@ -22,7 +22,7 @@ cannot (swap weights around evaluation and saving, read and write checkpoint fol
 * train end -> ``policy.end()``: final BatchNorm refresh, the model holds the averaged weights
   (``final="averaged"``), so ``trainer.save_model()`` writes them.
 
-Example:
+Examples:
     >>> from transformers import TrainingArguments
     >>> from weightavg.transformers import SWA, WeightAveragingTrainer
     >>> trainer = WeightAveragingTrainer(
@@ -268,7 +268,7 @@ class SWA(WeightAveraging):
     """Trainer callback for :class:`weightavg.SWA` (same arguments, plus ``bn_data`` and
     ``bn_forward_fn``).
 
-    Example:
+    Examples:
         >>> cb = SWA(swa_start="0.75dur", update_interval="10ba")  # doctest: +SKIP
     """
 
@@ -281,7 +281,7 @@ class EMA(WeightAveraging):
     """Trainer callback for :class:`weightavg.EMA` (same arguments, plus ``bn_data`` and
     ``bn_forward_fn``).
 
-    Example:
+    Examples:
         >>> cb = EMA(half_life="200ba")  # doctest: +SKIP
     """
 

@@ -30,7 +30,7 @@ class MultiSWAG:
     Args:
         members: the posteriors (or their files), at least one.
 
-    Example:
+    Examples:
         >>> import torch, weightavg
         >>> nets = [torch.nn.Linear(2, 2) for _ in range(2)]
         >>> posts = []

@@ -28,7 +28,7 @@ def last_layer(model: nn.Module) -> list[str]:
     the forward order for ``nn.Sequential`` and for most hand-written models, but not for every
     model: check the returned names, or pass names/patterns to ``include`` yourself.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> last_layer(net)
@@ -112,7 +112,7 @@ class SWAG:
             float32 loses nothing that matters and halves the memory).
         device: where the moments and columns live (default: with the model's tensors).
 
-    Example:
+    Examples:
         >>> import torch, weightavg
         >>> net = torch.nn.Linear(3, 2)
         >>> swag = weightavg.SWAG(net, max_rank=5)
