@@ -15,6 +15,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from weightavg._dcp import export_dcp, is_dcp_checkpoint, iter_dcp_tensors, read_dcp_metadata
+from weightavg._files import OutputError
 from weightavg.cli._average import CheckpointError
 
 MARKER = "pwned"
@@ -195,7 +196,7 @@ def test_export_is_atomic(ckpt, tmp_path, monkeypatch) -> None:
     out = tmp_path / "hf"
     out.mkdir()
     (out / "old.txt").write_text("keep")
-    with pytest.raises(CheckpointError, match="exists: pass --force"):
+    with pytest.raises(OutputError, match="exists: pass --force"):
         export_dcp(ckpt, out, prefix="averages.default.")
     real = mod._write_safetensors
     calls = []
@@ -207,7 +208,7 @@ def test_export_is_atomic(ckpt, tmp_path, monkeypatch) -> None:
         return real(file, *a, **k)
 
     monkeypatch.setattr(mod, "_write_safetensors", failing)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full"):  # the shared writer names the output
         export_dcp(ckpt, out, prefix="averages.default.", max_shard_size=64, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]  # no temporary left
