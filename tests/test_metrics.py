@@ -181,6 +181,12 @@ def test_rows_that_are_not_probabilities_raise(probs: list, match: str) -> None:
             fn(p, torch.tensor([0, 1]))
 
 
+def test_a_negative_entry_in_a_row_summing_to_one_raises() -> None:
+    probs = torch.tensor([[-0.2, 0.6, 0.6], [0.2, 0.4, 0.4]], dtype=torch.float64)
+    with pytest.raises(wa.ConfigError, match=r"probs='rows \[0\] with entries outside \[0, 1\]"):
+        metrics.brier(probs, torch.tensor([1, 2]))
+
+
 def test_integer_probs_raise() -> None:
     with pytest.raises(wa.ConfigError, match=r"probs='torch\.int64' is invalid: expected a floating-point tensor"):
         metrics.accuracy(torch.tensor([[1, 0], [0, 1]]), torch.tensor([0, 1]))

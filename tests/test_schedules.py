@@ -115,6 +115,12 @@ def test_cyclic_bad_arguments(kwargs: dict, match: str) -> None:
         wa.SWACyclicLR(opt_with(0.1), **kwargs)
 
 
+def test_cyclic_rejects_an_empty_cycle_at_construction_even_before_its_phase() -> None:
+    # with start > 0 no learning rate of the phase is computed yet: the check must not wait for it
+    with pytest.raises(wa.ConfigError, match=r"cycle_steps=0 is invalid: expected a positive int"):
+        wa.SWACyclicLR(opt_with(0.1), min_lr=0.0, cycle_steps=0, start=5)
+
+
 def test_cyclic_state_round_trip() -> None:
     opt = opt_with(0.3)
     a = wa.SWACyclicLR(opt, min_lr=0.03, cycle_steps=3, start=1)
