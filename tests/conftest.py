@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 torch.set_num_threads(1)
+
+# every property test draws the same examples on every run (no flaky CI): derandomized, no
+# example database, no timing deadline on a shared machine; a test's own @settings adds to this
+settings.register_profile("weightavg", derandomize=True, database=None, deadline=None)
+settings.load_profile("weightavg")
 
 
 class ConvBN(nn.Module):
