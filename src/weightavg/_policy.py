@@ -604,6 +604,11 @@ class AveragingPolicy:
         updated = self.averager.update(self.model, step=max(self.steps, self.averager.step))
         if updated and self._has_bn:
             self.bn_stale = True
+        if updated:
+            return
+        # refused on the host (nonfinite="skip"). A deferred, device-side check always reports
+        # True here and its refusals surface at the next read (and in end()'s total): reading
+        # num_skipped after every update would be a host sync per step.
         skipped = self.averager.num_skipped
         if skipped > self._skips_warned and skipped & (skipped - 1) == 0:  # 1, 2, 4, 8...: not every step
             self._skips_warned = skipped
