@@ -237,7 +237,8 @@ class Averager:
             # views and scratch made under inference mode could not be written outside it later
             with torch.inference_mode(False):
                 return self.update(model, step=step)
-        self._not_swapped("update()")
+        if self._swap is not None:
+            self._not_swapped("update()")
         deferred = self._executor.deferred
         # with the deferred check the last *applied* step is on the device: steps are checked
         # against the last attempted one
@@ -251,30 +252,26 @@ class Averager:
         binding = self._binder.bind(model)
         if deferred:  # weights and counters are formed on the device
             self._executor.execute(binding, {}, UpdateInfo(0, step, 0))
-            self._copy_after_update(model, binding)
-            self.step = step
-            return True
-        since = step - self.last_step if self.last_step is not None else max(step, 1)
-        info = UpdateInfo(self._num_updates, step, since)
-        weights = {slot: r.weight(info) for slot, r in self.rules.items()}
-
-        if not self._executor.execute(binding, weights, info):
-            self._num_skipped += 1
-            return False
-        self._copy_after_update(model, binding)
-        self._num_updates += 1
+        else:
+            last = self.last_step
+            info = UpdateInfo(self._num_updates, step, step - last if last is not None else max(step, 1))
+            weights = {}
+            for slot, r in self.rules.items():
+                weights[slot] = r.weight(info)
+            if not self._executor.execute(binding, weights, info):
+                self._num_skipped += 1
+                return False
+            self._num_updates += 1
+            self.last_step = step
         self.step = step
-        self.last_step = step
-        return True
-
-    def _copy_after_update(self, model: Source, binding: _Binding) -> None:
+        # copied tensors (integer buffers...) of a module are only read when the average is read:
+        # a model with 1000 BatchNorm layers would otherwise spend a third of each update on them
         if isinstance(model, nn.Module):
-            # copied tensors (integer buffers...) are only read when the average is read: a model
-            # with 1000 BatchNorm layers would otherwise spend a third of each update on them
             self._pending_copy = binding
         else:
             self._pending_copy = None
             self._executor.copy(binding)
+        return True
 
     # ------------------------------------------------------------------ counters
 
