@@ -33,11 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from ._binding import Binder
+from ._deferred import DeferredExecutor
 from ._errors import ConfigError, MismatchError
 from ._executor import LocalExecutor
 from ._storage import FlatStorage
 
-__all__ = ["ShardedBinder", "ShardedExecutor", "ShardedStorage", "has_dtensor", "is_dtensor", "prepare_module"]
+__all__ = ["ShardedBinder", "ShardedDeferredExecutor", "ShardedExecutor", "ShardedStorage", "has_dtensor",
+           "is_dtensor", "prepare_module"]
 
 
 def _dtensor_type() -> type | None:
@@ -343,6 +345,32 @@ class ShardedExecutor(LocalExecutor):
         if anywhere and not bad:
             return ["(tensors on another rank)"]
         return bad if anywhere else []
+
+
+class ShardedDeferredExecutor(DeferredExecutor):
+    """The deferred (device-side) check over local shards: the finite flag is all-reduced (MAX of
+    "not finite", one int32, ``async_op`` then ``wait()``: on NCCL the stream waits, the host does
+    not) before the masked update, so every rank applies or refuses the same updates and its
+    device counters agree; refusals surface at each rank's next read, as for one process.
+    ``nonfinite="allow"`` never builds this executor (no check, no collective)."""
+
+    def __init__(self, *args: Any, group: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+    def agree(self, ok: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return ok
+        backend = dist.get_backend(self.group)
+        flag = (~ok).to(torch.int32).reshape(1)
+        if backend == "nccl" and flag.device.type != "cuda":
+            flag = flag.cuda()
+        elif backend == "gloo" and flag.device.type != "cpu":
+            flag = flag.cpu()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True).wait()
+        return (flag[0] == 0).to(ok.device)
 
 
 def refuse_sharded(storage: FlatStorage, what: str) -> None:
