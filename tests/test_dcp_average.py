@@ -179,3 +179,20 @@ def test_several_rules_need_key(tmp_path) -> None:
     average_checkpoints([ck, ck], tmp_path / "o.safetensors", key="swa_cb.averages.swa", warn=False)
     got = load_file(tmp_path / "o.safetensors")
     torch.testing.assert_close(got["weight"], model.weight.detach())
+
+
+def test_float32_averages_and_a_bf16_checkpoint_average_in_float32_written_as_the_last(tmp_path) -> None:
+    """A DCP of an averager holds float32 shadows of bf16 weights: floating dtypes may differ."""
+    g = torch.Generator().manual_seed(5)
+    a32 = {"w": torch.randn(3, 4, generator=g)}
+    b16 = {"w": torch.randn(3, 4, generator=g).to(torch.bfloat16)}
+    a = _save(tmp_path / "a", {"averages": {"default": a32}})
+    b = tmp_path / "b.safetensors"
+    save_file(b16, str(b))
+    report = average_checkpoints([a, b], tmp_path / "o.safetensors", warn=False)
+    got = load_file(tmp_path / "o.safetensors")["w"]
+    assert got.dtype == torch.bfloat16 and report["accumulation_dtype"] == "float32"
+    assert torch.equal(got, ((a32["w"] + b16["w"].float()) / 2).to(torch.bfloat16))
+    i32 = _save(tmp_path / "i", {"w": torch.ones(3, 4, dtype=torch.int32)})
+    with pytest.raises(MismatchError, match="other dtypes"):
+        average_checkpoints([a, i32], tmp_path / "o2.safetensors", warn=False)
