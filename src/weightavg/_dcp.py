@@ -22,7 +22,7 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, ClassVar
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ._errors import WeightAvgError
 
-__all__ = ["DCPTensorInfo", "export_dcp", "is_dcp_checkpoint", "iter_dcp_tensors", "read_dcp_metadata"]
+__all__ = ["DCPReader", "DCPTensorInfo", "export_dcp", "is_dcp_checkpoint", "iter_dcp_tensors", "read_dcp_metadata"]
 
 _METADATA = ".metadata"
 _MAX_METADATA_BYTES = 256 << 20  # a pickle this large is not DCP metadata
@@ -348,20 +348,58 @@ def iter_dcp_tensors(
         CheckpointError: as :func:`read_dcp_metadata`; or a chunk that is not a tensor of the
             described shape and dtype; or an unknown name in ``names``.
     """
-    root = Path(path)
-    infos = read_dcp_metadata(root, prefix=prefix)
-    if names is None:
-        names = list(infos)
-    unknown = [n for n in names if n not in infos]
-    if unknown:
-        raise _checkpoint_error(f"{root}: no tensor named {unknown[:5]} in this DCP checkpoint")
-    files: dict[str, IO[bytes]] = {}
-    try:
+    with DCPReader(path, prefix=prefix) as reader:
+        if names is None:
+            names = list(reader.infos)
+        unknown = [n for n in names if n not in reader.infos]
+        if unknown:
+            raise _checkpoint_error(f"{reader.path}: no tensor named {unknown[:5]} in this DCP checkpoint")
         for n in names:
-            yield n, _assemble(root, infos[n], files)
-    finally:
+            yield n, reader.read(n)
+
+
+class DCPReader:
+    """Random access to the tensors of a DCP checkpoint, one whole tensor per :meth:`read`.
+
+    The metadata is read once (safely, see :func:`read_dcp_metadata`); data files are opened on
+    first use and kept open until :meth:`close` (or the end of a ``with`` block). Each
+    :meth:`read` assembles one tensor from its chunks and keeps no reference to it.
+
+    Args:
+        path: the checkpoint directory.
+        prefix: only names starting with it, stripped.
+
+    Raises:
+        CheckpointError: as :func:`read_dcp_metadata`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, prefix: str = "") -> None:
+        self.path = Path(path)
+        self.infos: dict[str, DCPTensorInfo] = read_dcp_metadata(self.path, prefix=prefix)
+        self._files: dict[str, IO[bytes]] = {}
+
+    def read(self, name: str) -> Tensor:
+        """The whole tensor ``name`` (CPU, saved dtype).
+
+        Raises:
+            CheckpointError: an unknown name, or a chunk that is not the described tensor.
+        """
+        info = self.infos.get(name)
+        if info is None:
+            raise _checkpoint_error(f"{self.path}: no tensor named {name!r} in this DCP checkpoint")
+        return _assemble(self.path, info, self._files)
+
+    def close(self) -> None:
+        """Close the data files (the reader can still be used: they reopen on demand)."""
+        files, self._files = self._files, {}
         for f in files.values():
             f.close()
+
+    def __enter__(self) -> DCPReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------------- export
@@ -470,7 +508,6 @@ def export_dcp(
         ConfigError: a bad ``dtype``, ``max_shard_size`` or ``metadata``.
     """
     from ._errors import bad_arg
-    from ._files import _umask, atomic_output
 
     root, out = Path(path), Path(output)
     limit = _size_arg(max_shard_size)
@@ -492,18 +529,45 @@ def export_dcp(
         if target not in _ST_DTYPES:
             raise _checkpoint_error(f"{root}: tensor {info.name!r} is {target}, which safetensors cannot store")
         dtypes[info.name] = target
-    nbytes = {i.name: i.nbytes // i.dtype.itemsize * dtypes[i.name].itemsize for i in infos}
     if root.resolve() == out.resolve() or out.resolve().is_relative_to(root.resolve()):
         raise _checkpoint_error(f"{out} is inside the checkpoint {root}: choose another output")
 
+    write_stream(out, infos, dtypes, lambda names: iter_dcp_tensors(root, prefix=prefix, names=names), meta,
+                 limit=limit, force=force, inputs=[root])
+    return out
+
+
+
+def write_stream(
+    out: Path, infos: list[DCPTensorInfo], dtypes: dict[str, torch.dtype],
+    open_stream: Callable[[list[str]], Generator[tuple[str, Tensor], None, None]], meta: dict[str, str], *,
+    limit: int = _DEFAULT_SHARD, force: bool = False, inputs: Sequence[Path] = (),
+) -> None:
+    """Write tensors produced one at a time as safetensors, atomically (what :func:`export_dcp` writes).
+
+    ``out`` ending in ``.safetensors`` is one file; anything else a directory (``model.safetensors``
+    or ``model-0000i-of-0000N.safetensors`` files of at most ``limit`` bytes plus
+    ``model.safetensors.index.json``). ``infos`` give each tensor's shape in output order (the
+    headers are written before the data), ``dtypes`` the dtype written; ``open_stream(names)``
+    must yield ``(name, tensor)`` for exactly those names in that order.
+
+    Raises:
+        weightavg._files.OutputError: as :func:`weightavg._files.atomic_output`.
+    """
+    from ._files import _umask, atomic_output
+
     if out.suffix == ".safetensors":
-        with atomic_output(out, force=force, inputs=[root]) as tmp:
-            _write_safetensors(tmp, infos, iter_dcp_tensors(root, prefix=prefix, names=[i.name for i in infos]),
-                               dtypes, meta)
-        return out
+        with atomic_output(out, force=force, inputs=inputs) as tmp:
+            stream = open_stream([i.name for i in infos])
+            try:
+                _write_safetensors(tmp, infos, stream, dtypes, meta)
+            finally:
+                stream.close()
+        return
+    nbytes = {i.name: i.nbytes // i.dtype.itemsize * dtypes[i.name].itemsize for i in infos}
     shards = _plan_shards(infos, nbytes, limit)
-    with atomic_output(out, directory=True, force=force, inputs=[root]) as tmp:
-        stream = iter_dcp_tensors(root, prefix=prefix, names=[i.name for s in shards for i in s])
+    with atomic_output(out, directory=True, force=force, inputs=inputs) as tmp:
+        stream = open_stream([i.name for s in shards for i in s])
         try:
             if len(shards) == 1:
                 _write_safetensors(tmp / "model.safetensors", shards[0], stream, dtypes, meta)
@@ -519,5 +583,3 @@ def export_dcp(
             stream.close()
         for p in tmp.iterdir():
             os.chmod(p, 0o644 & ~_umask())
-    return out
-

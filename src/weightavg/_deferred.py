@@ -163,8 +163,8 @@ class DeferredExecutor(LocalExecutor):
             else:
                 _probe(op[1], sums)
         total = _total(sums)
-        ok = (torch.isfinite(total) if isinstance(total, Tensor)
-              else torch.ones((), dtype=torch.bool, device=self.device))
+        ok = self.agree(torch.isfinite(total) if isinstance(total, Tensor)
+                        else torch.ones((), dtype=torch.bool, device=self.device))
         c = self.counters
         n, last = c[0], c[1]
         w: dict[Any, Tensor] = {}
@@ -202,6 +202,11 @@ class DeferredExecutor(LocalExecutor):
         c.copy_(fresh)
         self.pending += 1
         return True
+
+    def agree(self, ok: Tensor) -> Tensor:
+        """The finite flag the update acts on: this process's (a sharded sibling agrees it across
+        the ranks, see :class:`weightavg._sharded.ShardedDeferredExecutor`)."""
+        return ok
 
     def _custom_weight(self, rule: _Custom, n: Tensor, step: int) -> Tensor:
         """``rule``'s weight for the device's ``n``, selected among the values it can have."""

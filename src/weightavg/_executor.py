@@ -108,7 +108,9 @@ def make_executor(
     """The executor for this storage and configuration (the only place that chooses).
 
     For the local shards of a sharded model: its sibling :class:`weightavg._sharded.ShardedExecutor`
-    (host check, one all-reduced flag per checked update).
+    (host check, one all-reduced flag per checked update), or with ``check="deferred"``
+    :class:`weightavg._sharded.ShardedDeferredExecutor` (the device flag all-reduced without a
+    host read).
     A :class:`~weightavg._deferred.DeferredExecutor` (the non-finite check stays on the device) when
     asked (``check="deferred"``), or by default when the averages and sources all live on one CUDA
     device and every rule has a device form; otherwise a :class:`LocalExecutor` (``"allow"`` needs no
@@ -119,14 +121,11 @@ def make_executor(
     """
     from ._deferred import DeferredExecutor, supports_deferred
 
-    if storage.sharded:
-        if check == "deferred":
-            raise bad_arg("check", check, "'auto' or 'host' for a sharded model (its check all-reduces a flag "
-                          "across the ranks)")
-        from ._sharded import ShardedExecutor
+    if check == "host" or nonfinite == "allow" or (storage.sharded and check == "auto"):
+        if storage.sharded:
+            from ._sharded import ShardedExecutor
 
-        return ShardedExecutor(storage, rules, nonfinite)
-    if check == "host" or nonfinite == "allow":
+            return ShardedExecutor(storage, rules, nonfinite)
         return LocalExecutor(storage, rules, nonfinite)
     devices = {g.dev for g in storage.groups} | {g.src_device for g in storage.groups}
     unsupported = [s for s, r in rules.items() if not supports_deferred(r)]
@@ -135,6 +134,10 @@ def make_executor(
             why = (f"rules {unsupported} (in-place or user-defined rules need the host check)" if unsupported
                    else f"tensors on several devices {sorted(map(str, devices))}")
             raise bad_arg("check", check, f"'auto' or 'host' for {why}")
+        if storage.sharded:  # the device flag is all-reduced (asynchronously) before the masked update
+            from ._sharded import ShardedDeferredExecutor
+
+            return ShardedDeferredExecutor(storage, rules, nonfinite)
         return DeferredExecutor(storage, rules, nonfinite)
     if len(devices) == 1 and next(iter(devices)).type == "cuda" and not unsupported:
         return DeferredExecutor(storage, rules, nonfinite)

@@ -33,11 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from ._binding import Binder
+from ._deferred import DeferredExecutor
 from ._errors import ConfigError, MismatchError
 from ._executor import LocalExecutor
 from ._storage import FlatStorage
 
-__all__ = ["ShardedBinder", "ShardedExecutor", "ShardedStorage", "has_dtensor", "is_dtensor", "prepare_module"]
+__all__ = ["ShardedBinder", "ShardedDeferredExecutor", "ShardedExecutor", "ShardedStorage", "has_dtensor",
+           "is_dtensor", "prepare_module"]
 
 
 def _dtensor_type() -> type | None:
@@ -156,7 +158,15 @@ class ShardedStorage(FlatStorage):
         return s.shape if s is not None else self.entries[name].shape
 
     def present(self, views: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The views, each sharded entry's wrapped as a DTensor whose local tensor *is* the view.
+
+        Built with the DTensor constructor (as FSDP2 builds its CPU-offloaded parameters), not
+        ``DTensor.from_local``, which would copy a host view to the mesh's device: an average kept
+        on the host (``device="cpu"``) of a model sharded on an accelerator stays on the host, and
+        ``dcp.load`` into :meth:`~weightavg.Averager.state_dict` writes into the storage itself.
+        """
         from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
         out = dict(views)
         for name, s in self.shards.items():
@@ -166,7 +176,8 @@ class ShardedStorage(FlatStorage):
             # torch 2.13 pickles a DTensor whose wrapper has a storage offset as a plain tensor (and
             # fails): build it on the same-shaped alias at offset 0, then point it at the view
             base = view if view.storage_offset() == 0 else view.as_strided(view.shape, view.stride(), 0)
-            d = DTensor.from_local(base, s.mesh, s.placements, shape=s.shape, stride=s.stride, run_check=False)
+            spec = DTensorSpec(s.mesh, s.placements, tensor_meta=TensorMeta(s.shape, s.stride, view.dtype))
+            d = DTensor(base, spec, requires_grad=False)
             if base is not view:
                 d._local_tensor = view
             out[name] = d
@@ -235,7 +246,18 @@ class ShardedStorage(FlatStorage):
 
     def gather(self, name: str, value: Tensor) -> Tensor:
         """The full tensor of a presented value (a collective for a sharded entry; plain: itself)."""
-        return value.full_tensor() if is_dtensor(value) else value  # type: ignore[attr-defined]
+        if not is_dtensor(value):
+            return value
+        local = value._local_tensor  # type: ignore[attr-defined]
+        mesh = value.device_mesh  # type: ignore[attr-defined]
+        if local.device.type != mesh.device_type:
+            # an average kept on the host (device="cpu") of a model sharded on an accelerator: the
+            # collective runs on the mesh's device, so this one shard goes there first
+            from torch.distributed.tensor import DTensor
+
+            value = DTensor.from_local(local.to(mesh.device_type), mesh, value.placements,  # type: ignore[attr-defined]
+                                       shape=value.shape, stride=value.stride(), run_check=False)
+        return value.full_tensor()  # type: ignore[attr-defined]
 
 
 class _LocalProbe:
@@ -323,6 +345,32 @@ class ShardedExecutor(LocalExecutor):
         if anywhere and not bad:
             return ["(tensors on another rank)"]
         return bad if anywhere else []
+
+
+class ShardedDeferredExecutor(DeferredExecutor):
+    """The deferred (device-side) check over local shards: the finite flag is all-reduced (MAX of
+    "not finite", one int32, ``async_op`` then ``wait()``: on NCCL the stream waits, the host does
+    not) before the masked update, so every rank applies or refuses the same updates and its
+    device counters agree; refusals surface at each rank's next read, as for one process.
+    ``nonfinite="allow"`` never builds this executor (no check, no collective)."""
+
+    def __init__(self, *args: Any, group: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+    def agree(self, ok: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return ok
+        backend = dist.get_backend(self.group)
+        flag = (~ok).to(torch.int32).reshape(1)
+        if backend == "nccl" and flag.device.type != "cuda":
+            flag = flag.cuda()
+        elif backend == "gloo" and flag.device.type != "cpu":
+            flag = flag.cpu()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True).wait()
+        return (flag[0] == 0).to(ok.device)
 
 
 def refuse_sharded(storage: FlatStorage, what: str) -> None:

@@ -29,7 +29,7 @@ from .._rules import ema, mean
 
 __all__ = ["CheckpointError", "average_checkpoints", "load_checkpoint", "read_signature"]
 
-Kind = Literal["torch", "safetensors", "hf"]
+Kind = Literal["torch", "safetensors", "hf", "dcp"]
 _SAFETENSORS_NAMES = ("model.safetensors",)
 _BIN_NAMES = ("pytorch_model.bin",)
 _BN_STATS = ("running_mean", "running_var")
@@ -138,6 +138,10 @@ def _detect(path: Path) -> _Input:
     except InputError as err:
         raise CheckpointError(str(err)) from None
     if path.is_dir():
+        from .._dcp import is_dcp_checkpoint
+
+        if is_dcp_checkpoint(path):  # torch.distributed.checkpoint: read by weightavg.cli._stream
+            return _Input(path, "dcp")
         return _hf_input(path)
     if path.suffix == ".safetensors":
         return _Input(path, "safetensors", [path], "safetensors")
@@ -274,6 +278,10 @@ def load_checkpoint(path: str | os.PathLike[str], key: str | None = None) -> dic
 
 
 def _load(inp: _Input, key: str | None) -> dict[str, Tensor]:
+    if inp.kind == "dcp":  # the whole selection (greedy soups need state dicts): not streamed
+        from ._stream import load_dcp
+
+        return load_dcp(inp.path, key)
     if inp.kind != "torch" and key is not None:
         raise bad_arg("--key", key, f"no --key for {inp.kind} inputs ({inp.path} is flat)")
     out: dict[str, Tensor] = {}
@@ -479,7 +487,9 @@ def average_checkpoints(
 
     Args:
         inputs: checkpoints in averaging order: torch files, ``.safetensors`` files or Hugging Face
-            model directories (all of one kind).
+            model directories (all of one kind); or ``torch.distributed.checkpoint`` directories,
+            alone or with safetensors inputs, streamed tensor by tensor into safetensors (see
+            :func:`weightavg.cli._stream.average_streaming`).
         output: the output file (directory for Hugging Face inputs); it may not be, nor contain,
             one of the inputs.
         last: average only the last ``last`` inputs, uniformly (LAWA).
@@ -534,6 +544,11 @@ def average_checkpoints(
         weighted_mean_rule(weights)  # validates (a positive, finite total)
     items = [_detect(p) for p in used]
     kinds = {i.kind for i in items}
+    if "dcp" in kinds:  # DCP checkpoints (sharded runs): streamed tensor by tensor into safetensors
+        from ._stream import average_streaming
+
+        return average_streaming(items, out, inputs=paths, last=last, ema_decay=ema_decay, key=key,
+                                 force=force, warn=warn, weights=weights)
     if "hf" in kinds and len(kinds) > 1:
         raise CheckpointError("inputs mix Hugging Face directories and files: give one kind")
     if len({i.file_format for i in items}) > 1 or (len(kinds) > 1):

@@ -54,6 +54,7 @@ examples:
   weightavg average $(ls run/step_*.safetensors | sort -V) --last 5 -o lawa.safetensors
   weightavg average $(ls -d out/checkpoint-* | sort -V) --ema 0.9 -o out/ema   # HF directories
   weightavg average a.pt b.pt -o avg.pt --json                 # JSON summary on stdout
+  weightavg average dcp/ema_{1,2,3} -o avg.safetensors          # DCP dirs of a sharded run (streamed)
 
 Inputs are averaged in the order given (a shell glob sorts lexically: epoch_10 before epoch_9;
 'sort -V' sorts numbers). Floating tensors are averaged in float32 (float64 inputs in float64)
@@ -194,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     # ------------------------------------------------------------------ average
     p = sub.add_parser(
         "average", help="average saved checkpoints (uniform, last k, or EMA)",
-        description="Average checkpoints offline: torch files, safetensors files or Hugging Face "
-        "model directories. Memory stays at about one model whatever the number of inputs.",
+        description="Average checkpoints offline: torch files, safetensors files, Hugging Face "
+        "model directories or torch.distributed.checkpoint (DCP) directories. Memory stays at about "
+        "one model whatever the number of inputs (one tensor for DCP inputs).",
         epilog=_AVERAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="CKPT", help="checkpoints, in averaging order")
@@ -207,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--ema", type=float, metavar="DECAY",
                      help="EMA over the inputs in order: avg = DECAY*avg + (1-DECAY)*next")
     p.add_argument("--key", help="entry holding the weights in nested torch checkpoints, "
-                   "e.g. state_dict (dots for deeper levels: model.ema)")
+                   "e.g. state_dict (dots for deeper levels: model.ema); in DCP checkpoints, the "
+                   "name prefix to take (e.g. model, or ema.averages.swa)")
     p.add_argument("-f", "--force", action="store_true", help="replace OUT if it exists (never an input)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     from ._weighted import add_average_flags  # --weights, --schedule, --greedy --eval
