@@ -92,8 +92,8 @@ class Averager:
             or ``"auto"`` (default: deferred when everything lives on one CUDA device and every
             rule is a built-in one, host otherwise).
             On a sharded model the check also all-reduces one flag over the world (every rank must
-            update together), so that every rank refuses or skips alike; ``"auto"`` is the host
-            check there, ``"deferred"`` all-reduces the device flag without a host read.
+            update together), so that every rank refuses or skips alike; the deferred check
+            all-reduces the device flag without a host read, the host check reads it.
 
     A model whose parameters are DTensors (FSDP2 ``fully_shard``, HSDP, tensor parallel) is
     averaged shard by shard: each rank stores and updates its local elements only, with no

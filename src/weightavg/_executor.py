@@ -107,41 +107,34 @@ def make_executor(
 ) -> Executor:
     """The executor for this storage and configuration (the only place that chooses).
 
-    For the local shards of a sharded model: its sibling :class:`weightavg._sharded.ShardedExecutor`
-    (host check, one all-reduced flag per checked update), or with ``check="deferred"``
-    :class:`weightavg._sharded.ShardedDeferredExecutor` (the device flag all-reduced without a
-    host read).
     A :class:`~weightavg._deferred.DeferredExecutor` (the non-finite check stays on the device) when
     asked (``check="deferred"``), or by default when the averages and sources all live on one CUDA
     device and every rule has a device form; otherwise a :class:`LocalExecutor` (``"allow"`` needs no
-    check, so it never reads the host either).
+    check, so it never reads the host either). For the local shards of a sharded model, their
+    siblings :class:`weightavg._sharded.ShardedDeferredExecutor` (the device flag all-reduced
+    without a host read) and :class:`weightavg._sharded.ShardedExecutor` (host check, one
+    all-reduced flag per checked update), chosen by the same rule.
 
     Raises:
         ConfigError: ``check="deferred"`` with a configuration the deferred check cannot run.
     """
     from ._deferred import DeferredExecutor, supports_deferred
+    from ._sharded import ShardedDeferredExecutor, ShardedExecutor
 
-    if check == "host" or nonfinite == "allow" or (storage.sharded and check == "auto"):
-        if storage.sharded:
-            from ._sharded import ShardedExecutor
-
-            return ShardedExecutor(storage, rules, nonfinite)
-        return LocalExecutor(storage, rules, nonfinite)
+    host = ShardedExecutor if storage.sharded else LocalExecutor
+    if check == "host" or nonfinite == "allow":
+        return host(storage, rules, nonfinite)
     devices = {g.dev for g in storage.groups} | {g.src_device for g in storage.groups}
     unsupported = [s for s, r in rules.items() if not supports_deferred(r)]
-    if check == "deferred":
-        if len(devices) != 1 or unsupported:
-            why = (f"rules {unsupported} (in-place or user-defined rules need the host check)" if unsupported
-                   else f"tensors on several devices {sorted(map(str, devices))}")
-            raise bad_arg("check", check, f"'auto' or 'host' for {why}")
-        if storage.sharded:  # the device flag is all-reduced (asynchronously) before the masked update
-            from ._sharded import ShardedDeferredExecutor
-
-            return ShardedDeferredExecutor(storage, rules, nonfinite)
-        return DeferredExecutor(storage, rules, nonfinite)
-    if len(devices) == 1 and next(iter(devices)).type == "cuda" and not unsupported:
-        return DeferredExecutor(storage, rules, nonfinite)
-    return LocalExecutor(storage, rules, nonfinite)
+    one_device = len(devices) == 1
+    if check == "deferred" and (not one_device or unsupported):
+        why = (f"rules {unsupported} (in-place or user-defined rules need the host check)" if unsupported
+               else f"tensors on several devices {sorted(map(str, devices))}")
+        raise bad_arg("check", check, f"'auto' or 'host' for {why}")
+    if check == "deferred" or (one_device and next(iter(devices)).type == "cuda" and not unsupported):
+        # a sharded model's device flag is all-reduced (asynchronously) before the masked update
+        return (ShardedDeferredExecutor if storage.sharded else DeferredExecutor)(storage, rules, nonfinite)
+    return host(storage, rules, nonfinite)
 
 
 class LocalExecutor(Executor):
