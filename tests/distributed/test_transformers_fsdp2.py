@@ -56,6 +56,7 @@ def _model() -> GPT2LMHeadModel:
 def _args(out: str, **kw: Any) -> TrainingArguments:
     return TrainingArguments(
         out, max_steps=STEPS, per_device_train_batch_size=2, save_strategy="steps", save_steps=SAVE_AT,
+        eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=2,
         use_cpu=True, ddp_backend="gloo", report_to=[], disable_tqdm=True, seed=0, logging_steps=100,
         fsdp="full_shard auto_wrap",
         fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"],
@@ -80,13 +81,20 @@ def _train(rank: int, world: int, out: str, resume: str | None) -> dict[str, Any
     transformers.logging.set_verbosity_error()
     args = _args(out)
     ema = EMA(smoothing=0.8)
-    trainer = WeightAveragingTrainer(model=_model(), args=args, train_dataset=Data(), callbacks=[ema])
+    losses: list[float] = []
+
+    class Record(transformers.TrainerCallback):
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float], **kw: Any) -> None:
+            losses.append(metrics["eval_loss"])
+
+    trainer = WeightAveragingTrainer(model=_model(), args=args, train_dataset=Data(), eval_dataset=Data(),
+                                     callbacks=[ema, Record()])
     _force_fsdp2(trainer, args)
     trainer.train(resume_from_checkpoint=resume)
     avg = ema.policy.averager
     assert avg is not None
     return {"avg": _full(avg.averaged_tensors()), "model": _full(dict(trainer.model.named_parameters())),
-            "updates": avg.num_updates, "steps": ema.policy.steps,
+            "eval_loss": losses[-1], "updates": avg.num_updates, "steps": ema.policy.steps,
             "sharded": any(isinstance(t, DTensor) for t in avg.averaged_tensors().values())}
 
 
@@ -99,6 +107,7 @@ def test_fsdp2_trainer_resume_inside_the_window_equals_an_uninterrupted_run(tmp_
     resumed = run_ranks(_train, 2, tmp_path / "b", str(tmp_path / "run2"), str(ck), timeout=240)
     for a, b in zip(straight, resumed, strict=True):
         assert a["sharded"] and b["sharded"]
+        assert a["eval_loss"] == b["eval_loss"]  # the last evaluation (averaged weights, swapped in shard-locally)
         assert a["steps"] == b["steps"] == STEPS and a["updates"] == b["updates"] == STEPS
         for n in a["avg"]:
             assert torch.equal(a["avg"][n], b["avg"][n]), n
