@@ -23,9 +23,11 @@ from torch.distributed.tensor import DTensor
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments  # noqa: E402
 
 from weightavg import ConfigError  # noqa: E402
+from weightavg.cli._main import main  # noqa: E402
 from weightavg.transformers import EMA, SHARDED_NAME, STATE_NAME, WeightAveragingTrainer  # noqa: E402
 
 from ._harness import run_ranks  # noqa: E402
@@ -82,10 +84,15 @@ def _train(rank: int, world: int, out: str, resume: str | None) -> dict[str, Any
     args = _args(out)
     ema = EMA(smoothing=0.8)
     losses: list[float] = []
+    saved: dict[str, torch.Tensor] = {}
 
     class Record(transformers.TrainerCallback):
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float], **kw: Any) -> None:
             losses.append(metrics["eval_loss"])
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:  # every rank
+            if state.global_step == SAVE_AT and ema.policy.averager is not None:
+                saved.update(_full(ema.policy.averager.averaged_tensors()))
 
     trainer = WeightAveragingTrainer(model=_model(), args=args, train_dataset=Data(), eval_dataset=Data(),
                                      callbacks=[ema, Record()])
@@ -94,7 +101,7 @@ def _train(rank: int, world: int, out: str, resume: str | None) -> dict[str, Any
     avg = ema.policy.averager
     assert avg is not None
     return {"avg": _full(avg.averaged_tensors()), "model": _full(dict(trainer.model.named_parameters())),
-            "eval_loss": losses[-1], "updates": avg.num_updates, "steps": ema.policy.steps,
+            "eval_loss": losses[-1], "saved": saved, "updates": avg.num_updates, "steps": ema.policy.steps,
             "sharded": any(isinstance(t, DTensor) for t in avg.averaged_tensors().values())}
 
 
@@ -113,6 +120,13 @@ def test_fsdp2_trainer_resume_inside_the_window_equals_an_uninterrupted_run(tmp_
             assert torch.equal(a["avg"][n], b["avg"][n]), n
         for n in a["model"]:  # final="averaged": the model holds the average at the end
             assert torch.equal(a["model"][n], b["model"][n]), n
+    # the checkpoint's averages export to safetensors as full tensors, as they were when saved
+    exported = tmp_path / "avg.safetensors"
+    assert main(["export", str(ck / SHARDED_NAME), "-o", str(exported)]) == 0
+    got = load_file(exported)
+    assert got.keys() == straight[0]["saved"].keys()
+    for n, t in straight[0]["saved"].items():
+        assert torch.equal(got[n], t), n
 
 
 def _trainer_with(tmp_path: Path, **state: Any) -> Any:
