@@ -52,6 +52,7 @@ from ._frontend_state import any_dtensor, flat_tensors, rank_fixed, strip_tensor
 from ._policy import EMA as _EMAPolicy
 from ._policy import SWA as _SWAPolicy
 from ._policy import AveragingPolicy
+from ._sharded import is_dtensor
 
 __all__ = ["EMA", "SWA", "StochasticWeightAveraging", "WeightAveraging"]
 
@@ -207,13 +208,6 @@ class WeightAveraging(Callback):
             skeleton, key = self._sharded_pending
             self._sharded_pending = None
             self._load_sharded(skeleton, key)
-        elif any_dtensor(self.policy.state_dict()) and getattr(trainer.strategy, "_save_distributed_checkpoint",
-                                                                True) is False:
-            raise ConfigError(
-                f"{type(trainer.strategy).__name__}(save_distributed_checkpoint=False) is invalid with "
-                f"{type(self).__name__} on a sharded (FSDP2) model: a full checkpoint keeps rank 0's callback "
-                "state only, so the other ranks' shards of the average would be lost; use "
-                "save_distributed_checkpoint=True (the default), which writes each rank's shards")
         if self.policy.eval_with == "both":
             self._patch_validation(trainer, pl_module)
 
@@ -392,10 +386,8 @@ class WeightAveraging(Callback):
         """
         model_sd = checkpoint.get("state_dict")
         if not isinstance(model_sd, dict) or not any_dtensor(model_sd):
-            raise ConfigError(
-                f"{type(self).__name__} averages a sharded (FSDP2) model, but this checkpoint's state_dict is "
-                "not sharded: only a distributed checkpoint (ModelParallelStrategy(save_distributed_checkpoint="
-                "True), the default) keeps every rank's shards of the average")
+            self._save_gathered(checkpoint, state)
+            return
         key = self._sharded_key()
         flat = flat_tensors(key, state)
         clash = next((k for k in flat if k in model_sd), None)
@@ -409,12 +401,48 @@ class WeightAveraging(Callback):
             mine["policy"] = strip_tensors(state)
             mine["sharded_in"] = key
 
+    def _save_gathered(self, checkpoint: dict[str, Any], state: dict[str, Any]) -> None:
+        """Sharded averages in a full checkpoint (``ModelParallelStrategy(save_distributed_checkpoint=
+        False)``: one file, written by rank 0): every rank takes part in gathering the policy's
+        tensors one at a time (``full_tensor()``), rank 0 keeps them on the CPU. On resume each rank
+        copies its slice of the full tensors (no communication)."""
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+        def full(tree: Any) -> Any:
+            if isinstance(tree, Tensor):
+                t = tree.full_tensor() if is_dtensor(tree) else tree  # type: ignore[attr-defined]
+                return t.detach().to("cpu", copy=True) if rank0 else None
+            if isinstance(tree, dict):
+                return {k: full(v) for k, v in tree.items()}
+            return tree
+
+        mine = checkpoint.get("callbacks", {}).get(self.state_key)
+        if isinstance(mine, dict):
+            mine["policy"] = full(state)
+        p = self.policy
+        if not p.active or not p.has_average or not self._writes_weights():
+            return
+        averaged = full(p.export_state_dict())  # the averaged weights, gathered like the model's
+        if not rank0:
+            return
+        prefix = f"{self.target}." if self.target else ""
+        training: dict[str, Tensor] = checkpoint["state_dict"]
+        checkpoint.setdefault("current_model_state", training)
+        checkpoint["state_dict"] = {k: averaged.get(k[len(prefix):], v) if k.startswith(prefix) else v
+                                    for k, v in training.items()}
+
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         self._ckpt_path = trainer.ckpt_path
         current = checkpoint.get("current_model_state")
         if current is not None and trainer.state.fn == TrainerFn.FITTING:
-            pl_module.load_state_dict(current)
+            if any(is_dtensor(p) for p in pl_module.parameters()):
+                # full tensors into a sharded module: each rank keeps its slice
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                set_model_state_dict(pl_module, current, options=StateDictOptions(full_state_dict=True))
+            else:
+                pl_module.load_state_dict(current)
 
     def _load_sharded(self, skeleton: Any, key: str) -> None:
         """Fill the begun policy's tensors from the distributed checkpoint (in place, resharded by

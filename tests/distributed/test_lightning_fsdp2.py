@@ -19,7 +19,6 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from weightavg import ConfigError  # noqa: E402
 from weightavg.cli._main import main  # noqa: E402
 from weightavg.lightning import EMA  # noqa: E402
 
@@ -86,14 +85,15 @@ def _data() -> DataLoader:
     return DataLoader(ds, batch_size=4)  # 3 batches per rank and epoch
 
 
-def _fit(rank: int, world: int, ckpt: str, phase: str) -> dict[str, Any]:
+def _fit(rank: int, world: int, ckpt: str, phase: str, distributed: bool = True) -> dict[str, Any]:
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world))
     ema = EMA(smoothing=0.8)
     save = SaveAtEpoch(ckpt, 0, ema)
     callbacks: list[Any] = [ema, save] if phase == "save" else [ema]
     trainer = pl.Trainer(
         accelerator="cpu", devices=world,
-        strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
+        strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                       save_distributed_checkpoint=distributed),
         max_epochs=EPOCHS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0, callbacks=callbacks)
     module = Module()
@@ -106,11 +106,15 @@ def _fit(rank: int, world: int, ckpt: str, phase: str) -> dict[str, Any]:
             "sharded": any(isinstance(t, DTensor) for t in avg.averaged_tensors().values())}
 
 
-def test_model_parallel_strategy_resume_inside_the_window_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    ckpt = str(tmp_path / "ck")
-    straight = run_ranks(_fit, 2, tmp_path / "a", ckpt, "save", timeout=180)
-    assert Path(ckpt).is_dir()
-    resumed = run_ranks(_fit, 2, tmp_path / "b", ckpt, "resume", timeout=180)
+@pytest.mark.parametrize("distributed", [True, False], ids=["dcp", "full"])
+def test_model_parallel_strategy_resume_inside_the_window_equals_an_uninterrupted_run(
+        tmp_path: Path, distributed: bool) -> None:
+    # dcp: each rank writes its shards of the average with the model's; full
+    # (save_distributed_checkpoint=False): one file from rank 0, the averages gathered
+    ckpt = str(tmp_path / ("ck" if distributed else "ck.ckpt"))
+    straight = run_ranks(_fit, 2, tmp_path / "a", ckpt, "save", distributed, timeout=180)
+    assert Path(ckpt).is_dir() == distributed
+    resumed = run_ranks(_fit, 2, tmp_path / "b", ckpt, "resume", distributed, timeout=180)
     for a, b in zip(straight, resumed, strict=True):
         assert a["sharded"] and b["sharded"]
         assert a["steps"] == b["steps"] == EPOCHS * 3
@@ -119,6 +123,14 @@ def test_model_parallel_strategy_resume_inside_the_window_equals_an_uninterrupte
             assert torch.equal(a["weights"][n], b["weights"][n]), n
         for n in a["avg"]:
             assert torch.equal(a["avg"][n], b["avg"][n]), n
+    saved = straight[0]["saved"]
+    if not distributed:  # state_dict = the averaged weights (what load_from_checkpoint gives)
+        full = torch.load(ckpt, weights_only=True)
+        assert full["state_dict"].keys() == saved.keys()
+        for n, t in saved.items():
+            assert torch.equal(full["state_dict"][n], t), n
+            assert not torch.equal(full["current_model_state"][n], t), n
+        return
     # the checkpoint's averages export to safetensors as they were when saved (full tensors)
     out = tmp_path / "avg.safetensors"
     assert main(["export", ckpt, "-o", str(out)]) == 0
@@ -127,23 +139,3 @@ def test_model_parallel_strategy_resume_inside_the_window_equals_an_uninterrupte
     for n, t in straight[0]["saved"].items():
         assert torch.equal(exported[n], t), n
 
-
-def _fit_full_checkpoint(rank: int, world: int) -> str:
-    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world))
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=world,
-        strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
-                                       save_distributed_checkpoint=False),
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[EMA(smoothing=0.8)])
-    try:
-        trainer.fit(Module(), train_dataloaders=_data())
-    except ConfigError as err:
-        return str(err)
-    return ""
-
-
-def test_full_checkpoints_of_a_sharded_average_are_refused_at_fit_start(tmp_path: Path) -> None:
-    # a full checkpoint keeps rank 0's callback state only: the other ranks' shards would be lost
-    (message,) = run_ranks(_fit_full_checkpoint, 1, tmp_path, timeout=120)
-    assert "save_distributed_checkpoint=False" in message and "save_distributed_checkpoint=True" in message
