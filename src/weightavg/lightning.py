@@ -13,7 +13,10 @@ the callback only turns the trainer's events into policy calls:
   the training weights, or both (averaged metrics logged under ``policy.log_prefix``);
 * checkpoints -> ``state_dict`` holds the averaged weights (what ``load_from_checkpoint`` gives),
   ``current_model_state`` the training weights, the callback state the policy's counters and
-  averages; resuming continues exactly;
+  averages; resuming continues exactly. On a sharded (FSDP2) model under ``ModelParallelStrategy``
+  the averages are each rank's shards: a distributed checkpoint holds them in its ``state_dict``
+  under ``weightavg.<policy name>.`` (written by every rank; the model entries stay the training
+  weights), a full checkpoint holds them gathered, as an unsharded run does;
 * train end -> ``policy.end()``: final BatchNorm refresh, the module holds the averaged weights.
 
 Examples:
