@@ -13,7 +13,10 @@ the callback only turns the trainer's events into policy calls:
   the training weights, or both (averaged metrics logged under ``policy.log_prefix``);
 * checkpoints -> ``state_dict`` holds the averaged weights (what ``load_from_checkpoint`` gives),
   ``current_model_state`` the training weights, the callback state the policy's counters and
-  averages; resuming continues exactly;
+  averages; resuming continues exactly. On a sharded (FSDP2) model under ``ModelParallelStrategy``
+  the averages are each rank's shards: a distributed checkpoint holds them in its ``state_dict``
+  under ``weightavg.<policy name>.`` (written by every rank; the model entries stay the training
+  weights), a full checkpoint holds them gathered, as an unsharded run does;
 * train end -> ``policy.end()``: final BatchNorm refresh, the module holds the averaged weights.
 
 Examples:
@@ -47,10 +50,12 @@ except ModuleNotFoundError as _err:  # name the extra, not just the missing modu
 
 from ._bn import _stat_layers
 from ._duration import Duration
-from ._errors import ConfigError, bad_arg
+from ._errors import ConfigError, StateError, bad_arg
+from ._frontend_state import any_dtensor, flat_tensors, rank_fixed, strip_tensors, with_tensors
 from ._policy import EMA as _EMAPolicy
 from ._policy import SWA as _SWAPolicy
 from ._policy import AveragingPolicy
+from ._sharded import is_dtensor
 
 __all__ = ["EMA", "SWA", "StochasticWeightAveraging", "WeightAveraging"]
 
@@ -124,6 +129,10 @@ class WeightAveraging(Callback):
         self._restored = False  # state came from a checkpoint for the coming fit
         self._eval_stack = contextlib.ExitStack()
         self._patched_loop: tuple[Any, Any] | None = None
+        # sharded (FSDP2) resume: the policy state without its tensors and their key in the
+        # distributed checkpoint's "state_dict", loaded once the policy has begun
+        self._sharded_pending: tuple[Any, str] | None = None
+        self._ckpt_path: Any = None
         # fixed at construction (the policy's times may be settled later), distinct for every
         # configuration: several averaging callbacks can share a checkpoint
         self._state_key = self._generate_state_key(policy=repr(policy), target=target)
@@ -198,6 +207,10 @@ class WeightAveraging(Callback):
             bn_data=self._bn_data if self._bn_data is not None else _TrainBatches(trainer),
             bn_forward_fn=self._bn_forward(pl_module, model), bn_device=pl_module.device, clock=clock,
         )
+        if self._sharded_pending is not None:
+            skeleton, key = self._sharded_pending
+            self._sharded_pending = None
+            self._load_sharded(skeleton, key)
         if self.policy.eval_with == "both":
             self._patch_validation(trainer, pl_module)
 
@@ -331,7 +344,12 @@ class WeightAveraging(Callback):
         return {"policy": self.policy.state_dict(), "epoch_fired": self._epoch_fired}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state_dict["policy"])
+        key = state_dict.get("sharded_in")
+        if key is not None:  # the tensors are in the distributed checkpoint: loaded at train start
+            self._sharded_pending = (state_dict["policy"], key)
+        else:
+            self._sharded_pending = None
+            self.policy.load_state_dict(state_dict["policy"])
         self._epoch_fired = state_dict.get("epoch_fired")
         self._restored = True
 
@@ -339,9 +357,17 @@ class WeightAveraging(Callback):
         p = self.policy
         return p.eval_with != "training" or p.final == "averaged"
 
+    def _sharded_key(self) -> str:
+        """Where the policy's tensors go in a distributed checkpoint's ``state_dict``."""
+        return f"weightavg.{self.policy.name}"
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         p = self.policy
+        state = p.state_dict()
+        if any_dtensor(state):
+            self._save_sharded(checkpoint, state)
+            return
         if not p.active or not p.has_average or not self._writes_weights():
             return
         averaged = p.export_state_dict()
@@ -354,12 +380,85 @@ class WeightAveraging(Callback):
                 merged[prefix + k] = v
         checkpoint["state_dict"] = merged
 
+    def _save_sharded(self, checkpoint: dict[str, Any], state: dict[str, Any]) -> None:
+        """Sharded averages (FSDP2, ``ModelParallelStrategy``): the policy's tensors join the model's
+        DTensors in ``checkpoint["state_dict"]``, which the strategy writes with
+        ``torch.distributed.checkpoint`` (each rank its shards); the callback state, which only
+        rank 0 writes, keeps the counters. The model entries stay the training weights (what
+        resuming needs); the averages are under ``weightavg.<policy name>.averager.averages.<rule>.``.
+        """
+        model_sd = checkpoint.get("state_dict")
+        if not isinstance(model_sd, dict) or not any_dtensor(model_sd):
+            self._save_gathered(checkpoint, state)
+            return
+        key = self._sharded_key()
+        flat = flat_tensors(key, state)
+        clash = next((k for k in flat if k in model_sd), None)
+        if clash is not None:
+            raise ConfigError(
+                f"checkpoint key {clash!r} is taken (by another averaging callback whose policy is named "
+                f"{self.policy.name!r}, or by the model): give each policy its own name, e.g. EMA(..., name='ema2')")
+        model_sd.update(flat)
+        mine = checkpoint.get("callbacks", {}).get(self.state_key)
+        if isinstance(mine, dict):
+            mine["policy"] = strip_tensors(state)
+            mine["sharded_in"] = key
+
+    def _save_gathered(self, checkpoint: dict[str, Any], state: dict[str, Any]) -> None:
+        """Sharded averages in a full checkpoint (``ModelParallelStrategy(save_distributed_checkpoint=
+        False)``: one file, written by rank 0): every rank takes part in gathering the policy's
+        tensors one at a time (``full_tensor()``), rank 0 keeps them on the CPU. On resume each rank
+        copies its slice of the full tensors (no communication)."""
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+        def full(tree: Any) -> Any:
+            if isinstance(tree, Tensor):
+                t = tree.full_tensor() if is_dtensor(tree) else tree  # type: ignore[attr-defined]
+                return t.detach().to("cpu", copy=True) if rank0 else None
+            if isinstance(tree, dict):
+                return {k: full(v) for k, v in tree.items()}
+            return tree
+
+        mine = checkpoint.get("callbacks", {}).get(self.state_key)
+        if isinstance(mine, dict):
+            mine["policy"] = full(state)
+        p = self.policy
+        if not p.active or not p.has_average or not self._writes_weights():
+            return
+        averaged = full(p.export_state_dict())  # the averaged weights, gathered like the model's
+        if not rank0:
+            return
+        prefix = f"{self.target}." if self.target else ""
+        training: dict[str, Tensor] = checkpoint["state_dict"]
+        checkpoint.setdefault("current_model_state", training)
+        checkpoint["state_dict"] = {k: averaged.get(k[len(prefix):], v) if k.startswith(prefix) else v
+                                    for k, v in training.items()}
+
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
+        self._ckpt_path = trainer.ckpt_path
         current = checkpoint.get("current_model_state")
         if current is not None and trainer.state.fn == TrainerFn.FITTING:
-            pl_module.load_state_dict(current)
+            if any(is_dtensor(p) for p in pl_module.parameters()):
+                # full tensors into a sharded module: each rank keeps its slice
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+                set_model_state_dict(pl_module, current, options=StateDictOptions(full_state_dict=True))
+            else:
+                pl_module.load_state_dict(current)
+
+    def _load_sharded(self, skeleton: Any, key: str) -> None:
+        """Fill the begun policy's tensors from the distributed checkpoint (in place, resharded by
+        DCP), then apply the counters saved in the callback state."""
+        import torch.distributed.checkpoint as dcp
+
+        if self._ckpt_path is None:
+            raise StateError("the callback state says the averages are in a distributed checkpoint, but the "
+                             "trainer did not say which (trainer.ckpt_path is None)")
+        live = self.policy.state_dict()
+        flat = flat_tensors(key, live)
+        dcp.load({"state_dict": flat}, checkpoint_id=self._ckpt_path)
+        self.policy.load_state_dict(rank_fixed(with_tensors(skeleton, key, live, flat), live))
 
 class SWA(WeightAveraging):
     """Lightning callback for :class:`weightavg.SWA` (same arguments, plus ``target``,

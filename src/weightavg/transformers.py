@@ -34,7 +34,10 @@ Examples:
 
 To use another Trainer class (``Seq2SeqTrainer``, TRL's trainers...), mix
 :class:`WeightAveragingMixin` in first: ``class MyTrainer(WeightAveragingMixin, Seq2SeqTrainer)``.
-DeepSpeed and FSDP (sharded parameters) are not supported.
+FSDP2 (``fsdp_config={"version": 2}``, accelerate's ``fully_shard``) and DeepSpeed ZeRO stages 0-2 are
+supported: each rank averages its own shards, and checkpoints keep them in ``weightavg_dcp/``
+(``torch.distributed.checkpoint``, written by every rank). FSDP1 and DeepSpeed ZeRO-3 are refused
+with a :class:`~weightavg.ConfigError`.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ except ModuleNotFoundError as _err:  # name the extra, not just the missing modu
 
 from ._errors import ConfigError, StateError, bad_arg
 from ._files import atomic_output, load_torch_untrusted
+from ._frontend_state import any_dtensor, flat_tensors, rank_fixed, strip_tensors, with_tensors
 from ._policy import EMA as _EMAPolicy
 from ._policy import SWA as _SWAPolicy
 from ._policy import AveragingPolicy
@@ -75,6 +79,10 @@ __all__ = ["EMA", "STATE_NAME", "SWA", "WeightAveraging", "WeightAveragingMixin"
 
 STATE_NAME = "weightavg_state.pt"
 """File name of the weight-averaging state inside a Trainer checkpoint folder."""
+
+SHARDED_NAME = "weightavg_dcp"
+"""Folder of a sharded (FSDP2) run's averages inside a Trainer checkpoint folder (a
+``torch.distributed.checkpoint`` directory; keys ``<policy name>.averager.averages.<rule>.<name>``)."""
 
 FORMAT = "weightavg.transformers"
 FORMAT_VERSION = 1
@@ -171,6 +179,7 @@ class WeightAveraging(TrainerCallback):
         self._trainer: weakref.ref[Trainer] | None = None
         self._resumed = False  # the policy state came from a checkpoint in this train() call
         self._epoch_mark = 0
+        self._sharded_pending: tuple[Mapping[str, Any], str] | None = None  # (counters, DCP folder)
         if type(self).should_update is not WeightAveraging.should_update:
             policy.should_update = self.should_update  # type: ignore[method-assign]
 
@@ -191,6 +200,7 @@ class WeightAveraging(TrainerCallback):
     def _attach(self, trainer: Trainer) -> None:
         self._trainer = weakref.ref(trainer)
         self._resumed = False
+        self._sharded_pending = None
         self.policy.detach()
         self.policy.load_state_dict(self._initial_state)  # a new run starts from scratch
 
@@ -201,6 +211,23 @@ class WeightAveraging(TrainerCallback):
     def _load(self, state: Mapping[str, Any]) -> None:
         self.policy.load_state_dict(state)
         self._resumed = True
+
+    def _load_sharded_later(self, counters: Mapping[str, Any], folder: str) -> None:
+        """The policy's tensors are in the DCP folder: loaded at train begin, once the policy has
+        begun (its averager then has the model's sharding, and ``dcp.load`` reshards into it)."""
+        self._sharded_pending = (counters, folder)
+        self._resumed = True
+
+    def _load_sharded(self) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        assert self._sharded_pending is not None
+        counters, folder = self._sharded_pending
+        self._sharded_pending = None
+        live = self.policy.state_dict()
+        flat = flat_tensors(self.key, live)
+        dcp.load(flat, checkpoint_id=folder)  # in place, each rank its shards (every rank calls it)
+        self.policy.load_state_dict(rank_fixed(with_tensors(counters, self.key, live, flat), live))
 
     # ------------------------------------------------------------------ events
 
@@ -237,6 +264,8 @@ class WeightAveraging(TrainerCallback):
             bn_data=self._bn_data if self._bn_data is not None else _BNBatches(trainer),
             bn_forward_fn=self._bn_forward_fn, bn_device=args.device,
         )
+        if self._sharded_pending is not None:
+            self._load_sharded()
         if self._resumed and steps_per_epoch is not None:
             # A checkpoint saved at an epoch's last step precedes that epoch's end event, and the
             # resumed Trainer starts the next epoch directly: deliver the event now.
@@ -324,15 +353,35 @@ class WeightAveragingMixin(_TrainerBase):
                               "a name per policy: several weight-averaging callbacks share it "
                               "(e.g. EMA(..., name='ema_fast'))")
             seen[cb.key] = cb
-        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
-            raise ConfigError("weightavg.transformers does not support DeepSpeed or FSDP (sharded "
-                              "parameters); average with plain data parallelism or a single device")
+        self._wa_check_sharding()
         writers = [cb.policy for cb in cbs if _writes_weights(cb.policy)]
         if self.args.load_best_model_at_end and any(p.final == "averaged" for p in writers):
             raise bad_arg("final", "averaged",
                           "'training' with load_best_model_at_end=True: the final averaged weights would "
                           "replace the best checkpoint's weights (which hold the averaged weights of that "
                           "step when eval_with is not 'training')")
+
+    def _wa_check_sharding(self) -> None:
+        """FSDP2 and DeepSpeed ZeRO 0-2 are averaged; FSDP1 and ZeRO-3 are refused."""
+        state = getattr(getattr(self, "accelerator", None), "state", None)
+        if getattr(self, "is_fsdp_enabled", False):
+            version = getattr(getattr(state, "fsdp_plugin", None), "fsdp_version", 1)
+            if version != 2:
+                raise ConfigError(
+                    f"weightavg.transformers averages FSDP2 models, but this Trainer uses FSDP{version} "
+                    "(FullyShardedDataParallel, whose flat parameter shards cannot be averaged): set "
+                    "fsdp_config={'version': 2} (accelerate's fully_shard)")
+        if getattr(self, "is_deepspeed_enabled", False):
+            plugin = getattr(state, "deepspeed_plugin", None)
+            stage = getattr(plugin, "zero_stage", None)
+            if stage is None:
+                config = getattr(getattr(self.args, "hf_deepspeed_config", None), "config", None) or {}
+                stage = config.get("zero_optimization", {}).get("stage")
+            if stage == 3:
+                raise ConfigError(
+                    "weightavg.transformers cannot average DeepSpeed ZeRO stage 3 (each rank holds opaque "
+                    "partitions of the parameters): use ZeRO stage 1 or 2 (full parameters on every rank), "
+                    "or FSDP2 (fsdp_config={'version': 2})")
 
     def _wa_writer(self) -> AveragingPolicy | None:
         """The policy whose averaged weights the model shows now (evaluation, saving), if any."""
@@ -349,6 +398,15 @@ class WeightAveragingMixin(_TrainerBase):
         cbs = self._wa_callbacks()
         for cb in cbs:
             cb._attach(self)
+        if cbs and resume_from_checkpoint and getattr(self, "is_deepspeed_enabled", False):
+            # the Trainer resumes DeepSpeed through its engine, never through _load_from_checkpoint
+            folder = resume_from_checkpoint
+            if folder is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                folder = get_last_checkpoint(self.args.output_dir)
+            if isinstance(folder, str):
+                self._wa_load_state(folder, None)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
@@ -357,6 +415,10 @@ class WeightAveragingMixin(_TrainerBase):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._wa_load_state(resume_from_checkpoint, model)
+
+    def _wa_load_state(self, resume_from_checkpoint: str, model: nn.Module | None) -> None:
+        """Read ``weightavg_state.pt`` (and, for a sharded run, schedule ``weightavg_dcp/``)."""
         cbs = self._wa_callbacks()
         if not cbs:
             return
@@ -383,6 +445,13 @@ class WeightAveragingMixin(_TrainerBase):
             if target is None:
                 raise StateError("the trainer has no model to load the training weights into")
             target.load_state_dict(training)
+        if state.get("sharded"):
+            folder = os.path.join(resume_from_checkpoint, SHARDED_NAME)
+            if not os.path.isfile(os.path.join(folder, ".metadata")):
+                raise StateError(f"{path} says the averages are sharded in {folder}, which is missing or incomplete")
+            for cb in cbs:
+                cb._load_sharded_later(policies[cb.key], folder)
+            return
         for cb in cbs:
             cb._load(policies[cb.key])
 
@@ -425,18 +494,56 @@ class WeightAveragingMixin(_TrainerBase):
         self._wa_saved_averaged = False
         super()._save_checkpoint(model, trial, *args, **kwargs)  # 4.x passes metrics= too
         cbs = self._wa_callbacks()
-        if not cbs or not self.args.should_save or self.model is None:
+        if not cbs or self.model is None:
             return
         folder = os.path.join(self._get_output_dir(trial=trial), f"{_CHECKPOINT_PREFIX}-{self.state.global_step}")
+        policies = {cb.key: cb.policy.state_dict() for cb in cbs}
+        sharded = any_dtensor(policies)
+        if sharded:  # every rank writes its shards (this method runs on every rank)
+            self._wa_save_sharded(folder, policies)
+            policies = {k: strip_tensors(v) for k, v in policies.items()}
+        if not self.args.should_save:
+            return
         state: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "global_step": self.state.global_step,
-            "policies": {cb.key: cb.policy.state_dict() for cb in cbs},
+            "policies": policies,
+            "sharded": sharded,
+            # under FSDP the Trainer's own model files (save_fsdp_model, outside the swap) hold the
+            # training weights; the swapped-in full save does not replace them
             "training_weights": ({k: v.detach() for k, v in self.model.state_dict().items()}
-                                 if self._wa_saved_averaged else None),
+                                 if self._wa_saved_averaged and not getattr(self, "is_fsdp_enabled", False)
+                                 else None),
         }
         _atomic_save(state, os.path.join(folder, STATE_NAME))
+
+    def _wa_save_sharded(self, folder: str, policies: dict[str, Any]) -> None:
+        """The policies' tensors (DTensors: each rank its shards) into ``<folder>/weightavg_dcp`` with
+        ``torch.distributed.checkpoint``, written beside and renamed into place by the saving
+        process once complete (``weightavg_state.pt``, written after, marks the checkpoint whole)."""
+        import shutil
+
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        final = os.path.join(folder, SHARDED_NAME)
+        tmp = final + ".tmp"
+        main = self.args.should_save
+        if main and os.path.lexists(tmp):
+            shutil.rmtree(tmp)
+        dist.barrier()  # nobody writes into a stale folder being removed
+        flat: dict[str, Tensor] = {}
+        for key, st in policies.items():
+            flat.update(flat_tensors(key, st))
+        dcp.save(flat, checkpoint_id=tmp)  # returns once the metadata is written
+        if main:
+            old = final + ".old"
+            if os.path.lexists(final):
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if os.path.lexists(old):
+                shutil.rmtree(old)
 
     # ------------------------------------------------------------------ evaluation
 
