@@ -370,7 +370,7 @@ class WeightAveragingMixin(_TrainerBase):
                 raise ConfigError(
                     f"weightavg.transformers averages FSDP2 models, but this Trainer uses FSDP{version} "
                     "(FullyShardedDataParallel, whose flat parameter shards cannot be averaged): set "
-                    "fsdp_config={'version': 2} (accelerate's fully_shard)")
+                    "fsdp_config={'version': 2} (accelerate's fully_shard; needs accelerate >= 1.6)")
         if getattr(self, "is_deepspeed_enabled", False):
             plugin = getattr(state, "deepspeed_plugin", None)
             stage = getattr(plugin, "zero_stage", None)
