@@ -55,6 +55,15 @@ class Target:
     tests: tuple[str, ...]  # test files (relative to the root), most specific first
     # only mutate inside these functions (any nesting), each a name or ``Class.method``; () = everywhere
     functions: tuple[str, ...] = ()
+    # test files run only for mutants inside some functions (slow tests for one function's mutants):
+    # (test file, (function, ...)); each must also be in ``tests``
+    scoped: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def tests_for(self, function: str) -> list[str]:
+        """The test files for a mutant inside ``function`` (a name or ``Class.method``)."""
+        limits = dict(self.scoped)
+        return [t for t in self.tests
+                if t not in limits or any(function == f or function.endswith("." + f) for f in limits[t])]
 
 
 TARGETS: dict[str, Target] = {
@@ -64,7 +73,9 @@ TARGETS: dict[str, Target] = {
     "schedules": Target("_schedules.py", ("tests/test_schedules.py", "tests/test_policy.py",
                                           "tests/test_swa_utils.py")),
     "bn": Target("_bn.py", ("tests/test_bn_checks.py", "tests/test_bn.py", "tests/test_swa_utils.py",
-                            "tests/distributed/test_bn_sync.py", "tests/distributed/test_bn_sync_layers.py")),
+                            "tests/distributed/test_bn_sync.py", "tests/distributed/test_bn_sync_layers.py"),
+                 scoped=(("tests/distributed/test_bn_sync.py", ("recompute_bn", "_pool_across_ranks")),
+                         ("tests/distributed/test_bn_sync_layers.py", ("recompute_bn", "_pool_across_ranks")))),
     # the engine's update path: the host-check executor (its CUDA-only offload pieces excepted, which
     # this CPU run cannot reach), the device-side deferred executor, and Averager.update and counters
     "engine": Target("_executor.py", ("tests/test_engine_rules.py", "tests/test_engine.py",
@@ -85,6 +96,7 @@ TARGETS: dict[str, Target] = {
 class Mutant:
     index: int
     line: int
+    function: str  # the enclosing function, ``Class.method`` for a method ("" at module level)
     kind: str
     before: str
     after: str
@@ -113,9 +125,10 @@ class _Mutator(ast.NodeTransformer):
         self.target = target
         self.functions = functions
         self.count = 0
-        self.found: list[tuple[int, str, ast.AST]] = []  # (line, kind, original node) per index
+        self.found: list[tuple[int, str, str]] = []  # (line, kind, enclosing function) per index
         self._inside = 0 if functions else 1
         self._classes: list[str] = []  # the enclosing classes, innermost last
+        self._function = ""  # the outermost enclosing function, qualified
         self.hit: tuple[ast.AST, ast.AST] | None = None
 
     # --- bookkeeping -------------------------------------------------------------------------
@@ -124,7 +137,7 @@ class _Mutator(ast.NodeTransformer):
             return node
         i = self.count
         self.count += 1
-        self.found.append((getattr(node, "lineno", 0), kind, node))
+        self.found.append((getattr(node, "lineno", 0), kind, self._function))
         if i == self.target:
             new = make(copy.deepcopy(node))
             self.hit = (node, new)
@@ -135,6 +148,8 @@ class _Mutator(ast.NodeTransformer):
         qualified = f"{self._classes[-1]}.{node.name}" if self._classes else node.name
         entered = bool(self.functions) and (node.name in self.functions or qualified in self.functions)
         self._inside += entered
+        outer = self._function
+        self._function = outer or qualified
         # skip the docstring, the decorators, the annotations: mutate defaults and the body only
         body = node.body[1:] if node.body and _is_docstring(node.body[0], node) else node.body
         node.args.defaults = [self.visit(d) for d in node.args.defaults]
@@ -145,6 +160,7 @@ class _Mutator(ast.NodeTransformer):
             new_body.extend(res if isinstance(res, list) else [res])
         node.body = (node.body[:1] if len(body) < len(node.body) else []) + (new_body or [ast.Pass()])
         self._inside -= entered
+        self._function = outer
         return node
 
     visit_FunctionDef = _walk_function
@@ -275,7 +291,7 @@ def enumerate_mutants(source: str, functions: tuple[str, ...]) -> list[Mutant]:
         _, mi = _mutate(source, i, functions)
         assert mi.hit is not None
         before, after = mi.hit
-        out.append(Mutant(i, getattr(before, "lineno", 0), m.found[i][1],
+        out.append(Mutant(i, getattr(before, "lineno", 0), m.found[i][2], m.found[i][1],
                           ast.unparse(before).splitlines()[0][:90], ast.unparse(after).splitlines()[0][:90]))
     return out
 
@@ -396,7 +412,10 @@ def run_target(name: str, target: Target, *, only: list[int] | None, timeout_fac
         with _with_source(target.module, mutated) as parent:
             # one test file at a time, the most specific first (it kills most mutants, fast): the
             # others run only while the mutant survives
-            for test in tests:
+            outcome = "survived"
+            for test in target.tests_for(mu.function):
+                if not (ROOT / test).exists():
+                    continue
                 outcome = _run_tests(parent, [test], timeout)
                 if outcome != "survived":
                     break
@@ -440,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.targets or list(TARGETS):
         t = TARGETS[name]
         t = Target(args.module or t.module, tuple(args.tests or t.tests),
-                   tuple(args.functions) if args.functions else t.functions)
+                   tuple(args.functions) if args.functions else t.functions, () if args.tests else t.scoped)
         reports.append(run_target(name, t, only=args.only, timeout_factor=args.timeout_factor,
                                   min_timeout=args.min_timeout, list_only=args.list))
     if not args.list:

@@ -192,3 +192,38 @@ def test_model_without_norm_layers_reads_no_data() -> None:
     assert wa.has_running_stats(Net())
     assert not wa.has_running_stats(nn.BatchNorm1d(2, track_running_stats=False))
     assert not wa.has_running_stats(nn.InstanceNorm1d(2))  # no running stats by default
+
+
+@pytest.mark.parametrize("kind", ["tag first", "kwarg first", "zero-dim", "no tensor"])
+def test_returned_count_looks_past_what_is_not_a_batch_of_samples(kind: str) -> None:
+    # the count comes from the first tensor with a batch dimension; a 0-d tensor batch is one
+    # sample; a batch holding no tensor counts 0 (the statistics are still recomputed)
+    xs = data([5, 7])
+    batches, fwd, expected = {
+        "tag first": ([("tag", x) for x in xs], lambda m, b: m(b[1]), 12),
+        "kwarg first": ([{"scale": 2.0, "x": x} for x in xs], None, 12),
+        "zero-dim": ([torch.tensor(float(i)) for i in range(2)], lambda m, i: m(xs[int(i)]), 2),
+        "no tensor": ([i for i in range(2)], lambda m, i: m(xs[i]), 0),
+    }[kind]
+    net = Net()
+    ref = copy.deepcopy(net)
+    assert wa.recompute_bn(net, batches, forward_fn=fwd) == expected
+    scale = 2.0 if kind == "kwarg first" else 1.0
+    wa.recompute_bn(ref, xs, forward_fn=lambda m, x: m(x, scale=scale))
+    torch.testing.assert_close(net.norm.running_mean, ref.norm.running_mean)
+    torch.testing.assert_close(net.norm.running_var, ref.norm.running_var)
+
+
+def test_device_move_passes_what_is_not_a_tensor_unchanged() -> None:
+    seen: list[tuple] = []
+
+    def fwd(model: nn.Module, batch: tuple) -> None:
+        x, label, extra = batch
+        seen.append((x.device.type, label, extra))
+        model(x if x.device.type == "cpu" else torch.ones(2, 2, 6))
+
+    wa.recompute_bn(Net(), [(x, "a", 3) for x in data([2, 3])], device="cpu", forward_fn=fwd)
+    assert seen == [("cpu", "a", 3)] * 2
+    seen.clear()
+    wa.recompute_bn(Net(), [(x, "b", None) for x in data([2])], device="meta", forward_fn=fwd)
+    assert seen == [("meta", "b", None)]

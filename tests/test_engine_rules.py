@@ -8,6 +8,7 @@ in-place-only rule set, skipped non-finite updates, and ``update(step=)``.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -173,3 +174,29 @@ def test_repr_and_summary_say_what_is_tracked() -> None:
                              "buffers='average'; rules: swa=mean(), e=ema(half_life=100); updates: 0")
     avg.update(m)
     assert avg.summary().endswith("updates: 1") and repr(avg).endswith("num_updates=1)")
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["packed+big", "contiguous"])
+@pytest.mark.parametrize("rule", ["ema", "mean"])
+def test_first_update_after_reset_copies_over_nan_and_inf(contiguous: bool, rule: str) -> None:
+    # with nonfinite="allow" the average takes NaN/Inf in; after reset() the next update is a copy
+    # (weight 1) and must overwrite them exactly: a lerp with weight 1 would keep NaN (NaN·0 = NaN)
+    model = SmallAndBig()
+    if contiguous:
+        wa.make_contiguous(model)
+    avg = wa.Averager(model, rule=wa.ema(0.9) if rule == "ema" else wa.mean(), nonfinite="allow")
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.fill_(math.nan if i % 2 else math.inf)
+    avg.update(model)
+    avg.update(model)
+    assert all(not torch.isfinite(t).any() for t in avg.averaged_tensors().values())
+    avg.reset()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape))
+    avg.update(model)
+    got = avg.averaged_tensors()
+    for k, v in model.named_parameters():
+        assert torch.equal(got[k], v.detach()), k
