@@ -200,3 +200,72 @@ def test_first_update_after_reset_copies_over_nan_and_inf(contiguous: bool, rule
     got = avg.averaged_tensors()
     for k, v in model.named_parameters():
         assert torch.equal(got[k], v.detach()), k
+
+
+class RecordingMean:
+    """A user-defined rule (the Rule protocol): the equal mean, recording what it is shown."""
+
+    power = 1
+
+    def __init__(self) -> None:
+        self.seen: list[wa.UpdateInfo] = []
+
+    def weight(self, info: wa.UpdateInfo) -> float:
+        self.seen.append(info)
+        return 1.0 / (info.num_averaged + 1)
+
+    def config(self) -> dict:
+        return {"kind": "recording"}
+
+
+def test_a_user_rule_sees_the_documented_update_info() -> None:
+    # steps_since_last: the step itself on a first update (at least 1), then the distance in steps
+    lin = nn.Linear(2, 2)
+    rule = RecordingMean()
+    avg = wa.Averager(lin, rule=rule)
+    for s in (0, 3, 3, 10):
+        avg.update(lin, step=s)
+    avg.reset()
+    avg.update(lin, step=7)
+    avg.update(lin)
+    got = [(i.num_averaged, i.step, i.steps_since_last) for i in rule.seen]
+    assert got == [(0, 0, 1), (1, 3, 3), (2, 3, 0), (3, 10, 7), (0, 7, 7), (1, 8, 1)]
+
+
+def test_update_under_inference_mode_returns_true_and_averages() -> None:
+    lin = nn.Linear(3, 2)
+    avg = wa.Averager(lin, rule=wa.mean(), dtype=torch.float64)
+    seen = run_snapshots(lin, avg, 1)
+    with torch.inference_mode():
+        assert avg.update(lin) is True
+        seen.append({k: v.detach().double().clone() for k, v in lin.named_parameters()})
+    for k, t in avg.averaged_tensors().items():
+        torch.testing.assert_close(t, (seen[0][k] + seen[1][k]) / 2)
+
+
+def test_deferred_update_returns_true_and_checks_steps_against_the_last_attempt() -> None:
+    lin = nn.Linear(3, 2)
+    avg = wa.Averager(lin, rule=wa.ema(0.5), check="deferred", nonfinite="skip")
+    assert avg.update(lin, step=4) is True
+    with torch.no_grad():
+        lin.weight[0, 0] = float("nan")
+    assert avg.update(lin, step=10) is True  # refused on the device, reported at the next read
+    with pytest.raises(wa.ConfigError, match=r"step=5 is invalid: expected a step >= the previous update's step 10"):
+        avg.update(lin, step=5)
+    assert (avg.num_updates, avg.num_skipped) == (1, 1)
+    with torch.no_grad():
+        lin.weight[0, 0] = 0.0
+    avg.update(lin, step=11)
+    assert (avg.num_updates, avg.num_skipped) == (2, 1)  # a refusal is counted once
+
+
+def test_a_mapping_source_copies_its_integer_tensors_at_the_update() -> None:
+    # a mapping's tensors are read during update(): changing them afterwards changes nothing
+    src = {"w": torch.ones(3), "count": torch.tensor(5)}
+    avg = wa.Averager(src, rule=wa.mean())
+    avg.update(src)
+    src["count"].fill_(9)
+    src["w"].fill_(4.0)
+    got = avg.averaged_tensors()
+    assert int(got["count"]) == 5
+    assert torch.equal(got["w"], torch.ones(3))
