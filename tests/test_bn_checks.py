@@ -227,3 +227,26 @@ def test_device_move_passes_what_is_not_a_tensor_unchanged() -> None:
     seen.clear()
     wa.recompute_bn(Net(), [(x, "b", None) for x in data([2])], device="meta", forward_fn=fwd)
     assert seen == [("meta", "b", None)]
+
+
+@pytest.mark.parametrize("buffer", ["running_mean", "running_var"])
+def test_nan_left_in_a_buffer_does_not_survive(buffer: str) -> None:
+    # each batch is measured with momentum 1, and (1 - 1) * NaN is still NaN: the buffers are
+    # reset first, so the result equals that of a model whose buffers were finite
+    net = Net()
+    ref = copy.deepcopy(net)
+    getattr(net.norm, buffer).fill_(float("nan"))
+    xs = data([4, 6])
+    wa.recompute_bn(net, xs)
+    wa.recompute_bn(ref, xs)
+    torch.testing.assert_close(net.norm.running_mean, ref.norm.running_mean)
+    torch.testing.assert_close(net.norm.running_var, ref.norm.running_var)
+
+
+def test_num_batches_one_reads_one_batch() -> None:
+    xs = data([3, 5])
+    net = Net()
+    ref = copy.deepcopy(net)
+    assert wa.recompute_bn(net, iter(xs), num_batches=1) == 3
+    wa.recompute_bn(ref, xs[:1])
+    torch.testing.assert_close(net.norm.running_var, ref.norm.running_var)
