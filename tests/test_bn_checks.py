@@ -250,3 +250,26 @@ def test_num_batches_one_reads_one_batch() -> None:
     assert wa.recompute_bn(net, iter(xs), num_batches=1) == 3
     wa.recompute_bn(ref, xs[:1])
     torch.testing.assert_close(net.norm.running_var, ref.norm.running_var)
+
+
+def test_a_lazy_layer_not_yet_materialized_gets_the_statistics_of_its_inputs() -> None:
+    net = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.LazyBatchNorm1d())
+    ref = nn.Sequential(copy.deepcopy(net[0]), nn.BatchNorm1d(3))
+    xs = data([4, 6])
+    assert wa.recompute_bn(net, xs) == 10
+    wa.recompute_bn(ref, xs)
+    torch.testing.assert_close(net[1].running_mean, ref[1].running_mean)
+    torch.testing.assert_close(net[1].running_var, ref[1].running_var)
+
+
+def test_low_precision_instance_norm_is_measured_from_its_inputs() -> None:
+    # bfloat16 buffers cannot hold each batch's statistics: they are taken from the inputs in float64;
+    # InstanceNorm's running statistics are the instance-weighted means of per-instance mean/variance
+    net = Net(nn.InstanceNorm1d(3, track_running_stats=True)).to(torch.bfloat16)
+    xs = [x.to(torch.bfloat16) for x in data([4, 2])]
+    seen: list[torch.Tensor] = []
+    net.norm.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
+    wa.recompute_bn(net, xs)
+    h = torch.cat(seen)  # (6 instances, 3 channels, 6 positions)
+    torch.testing.assert_close(net.norm.running_mean.double(), h.mean(2).mean(0), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(net.norm.running_var.double(), h.var(2).mean(0), rtol=1e-2, atol=1e-2)
