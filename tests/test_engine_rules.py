@@ -269,3 +269,20 @@ def test_a_mapping_source_copies_its_integer_tensors_at_the_update() -> None:
     got = avg.averaged_tensors()
     assert int(got["count"]) == 5
     assert torch.equal(got["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "allow"])
+def test_non_contiguous_small_sources_average_like_a_loop(nonfinite: str) -> None:
+    # a transposed parameter is not a 1-D view: the packed gather reshapes it (the general path)
+    model = SmallAndBig()
+    model.small.weight = nn.Parameter(torch.randn(3, 2).t())
+    assert not model.small.weight.is_contiguous()
+    avg = wa.Averager(model, rule={"ema": wa.ema(0.6), "sq": wa.mean(power=2)}, dtype=torch.float64,
+                      nonfinite=nonfinite)  # type: ignore[arg-type]
+    seen = run_snapshots(model, avg, 3)
+    for k in ("small.weight", "small.bias"):
+        ema = seen[0][k]
+        for s in seen[1:]:
+            ema = 0.6 * ema + 0.4 * s[k]
+        torch.testing.assert_close(avg.averaged_tensors("ema")[k], ema)
+        torch.testing.assert_close(avg.averaged_tensors("sq")[k], sum(s[k] ** 2 for s in seen) / 3)
