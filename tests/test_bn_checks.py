@@ -273,3 +273,17 @@ def test_low_precision_instance_norm_is_measured_from_its_inputs() -> None:
     h = torch.cat(seen)  # (6 instances, 3 channels, 6 positions)
     torch.testing.assert_close(net.norm.running_mean.double(), h.mean(2).mean(0), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(net.norm.running_var.double(), h.var(2).mean(0), rtol=1e-2, atol=1e-2)
+
+
+def test_low_precision_batchnorm_statistics_are_rounded_once() -> None:
+    # float16 buffers: the statistics are computed from the inputs in float64 and rounded once, so
+    # they equal the float64 pooled statistics rounded to float16 (each batch's own statistics,
+    # rounded to float16 and then pooled, would be off by an ulp here and there)
+    net = nn.Sequential(nn.Conv1d(2, 16, 3, padding=1), nn.BatchNorm1d(16)).to(torch.float16)
+    xs = [x.to(torch.float16) for x in data([3, 5, 2, 7])]
+    seen: list[torch.Tensor] = []
+    net[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
+    wa.recompute_bn(net, xs)
+    h = torch.cat([x.transpose(0, 1).reshape(16, -1) for x in seen], dim=1)
+    assert torch.equal(net[1].running_mean, h.mean(1).to(torch.float16))
+    assert torch.equal(net[1].running_var, h.var(1).to(torch.float16))
