@@ -286,3 +286,25 @@ def test_non_contiguous_small_sources_average_like_a_loop(nonfinite: str) -> Non
             ema = 0.6 * ema + 0.4 * s[k]
         torch.testing.assert_close(avg.averaged_tensors("ema")[k], ema)
         torch.testing.assert_close(avg.averaged_tensors("sq")[k], sum(s[k] ** 2 for s in seen) / 3)
+
+
+def test_the_per_tensor_scan_runs_only_after_the_cheap_check_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the check sums the averaged sources (one host read); only a non-finite total pays for the
+    # per-tensor scan that names the culprits. A NaN in a copied (not averaged) buffer is no reason
+    from weightavg._executor import LocalExecutor
+
+    scans: list[int] = []
+    scan = LocalExecutor._nonfinite_names
+    monkeypatch.setattr(LocalExecutor, "_nonfinite_names", lambda self, b: scans.append(1) or scan(self, b))
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model[1].running_mean.fill_(math.nan)
+    avg = wa.Averager(model, rule={"ema": wa.ema(0.5), "sq": wa.mean(power=2)}, buffers="copy", check="host")
+    for _ in range(3):
+        assert avg.update(model)
+    assert scans == []
+    assert torch.isnan(avg.averaged_tensors("ema")["1.running_mean"]).all()  # copied as it is
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    with pytest.raises(wa.NonFiniteError, match=r"1 tensor\(s\): 0\.weight"):
+        avg.update(model)
+    assert scans == [1]
