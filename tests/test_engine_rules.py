@@ -308,3 +308,22 @@ def test_the_per_tensor_scan_runs_only_after_the_cheap_check_fails(monkeypatch: 
     with pytest.raises(wa.NonFiniteError, match=r"1 tensor\(s\): 0\.weight"):
         avg.update(model)
     assert scans == [1]
+
+
+def test_a_non_contiguous_copied_buffer_is_copied_exactly() -> None:
+    class WithBuffer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("counts", torch.arange(6).view(2, 3).t())  # integer, non-contiguous
+            self.register_buffer("steps", torch.arange(4))
+
+    model = WithBuffer()
+    assert not model.counts.is_contiguous()
+    avg = wa.Averager(model, rule=wa.ema(0.5))
+    for i in range(2):
+        model.counts.add_(i + 1)
+        avg.update(model)
+    got = avg.averaged_tensors()
+    assert torch.equal(got["counts"], model.counts)
+    assert torch.equal(got["steps"], model.steps)
