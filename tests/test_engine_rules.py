@@ -327,3 +327,26 @@ def test_a_non_contiguous_copied_buffer_is_copied_exactly() -> None:
     got = avg.averaged_tensors()
     assert torch.equal(got["counts"], model.counts)
     assert torch.equal(got["steps"], model.steps)
+
+
+def test_a_source_with_nothing_to_average_only_copies() -> None:
+    # integer tensors only: nothing is checked or averaged, the copies follow the source
+    src = {"n": torch.tensor(3), "m": torch.arange(4)}
+    avg = wa.Averager(src)
+    assert avg.update(src)
+    src["m"] += 1
+    assert avg.update(src)
+    got = avg.averaged_tensors()
+    assert int(got["n"]) == 3 and torch.equal(got["m"], torch.arange(1, 5))
+
+
+def test_big_tensors_stream_in_pieces_on_the_general_path() -> None:
+    # 520·520 = 270,400 elements: more than one piece of the general path's stream (2^18)
+    model = nn.Linear(520, 520, bias=False)
+    avg = wa.Averager(model, rule={"sq": wa.mean(power=2), "ema": wa.ema(0.5)}, dtype=torch.float64)
+    seen = run_snapshots(model, avg, 3)
+    ema = seen[0]["weight"]
+    for s in seen[1:]:
+        ema = 0.5 * ema + 0.5 * s["weight"]
+    torch.testing.assert_close(avg.averaged_tensors("ema")["weight"], ema)
+    torch.testing.assert_close(avg.averaged_tensors("sq")["weight"], sum(s["weight"] ** 2 for s in seen) / 3)
