@@ -287,3 +287,24 @@ def test_low_precision_batchnorm_statistics_are_rounded_once() -> None:
     h = torch.cat([x.transpose(0, 1).reshape(16, -1) for x in seen], dim=1)
     assert torch.equal(net[1].running_mean, h.mean(1).to(torch.float16))
     assert torch.equal(net[1].running_var, h.var(1).to(torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["buffers", "measured"])
+def test_unbatched_instance_norm_inputs_count_as_one_instance(dtype: torch.dtype) -> None:
+    # a (C, L) input is one instance, a (N, C, L) input N of them: the running statistics are the
+    # instance-weighted means of each instance's mean and unbiased variance
+    norm = nn.InstanceNorm1d(3, track_running_stats=True).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(3, 6, generator=g) * 2 + 1, torch.randn(4, 3, 6, generator=g) - 1]
+    wa.recompute_bn(norm, [x.to(dtype) for x in batches])
+    h = torch.cat([batches[0].unsqueeze(0), batches[1]]).to(dtype).double()  # 5 instances
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(norm.running_mean.double(), h.mean(2).mean(0), **tol)
+    torch.testing.assert_close(norm.running_var.double(), h.var(2).mean(0), **tol)
+
+
+def test_low_precision_batchnorm_of_two_samples_has_their_variance() -> None:
+    norm = nn.BatchNorm1d(4).to(torch.float16)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [3.0, 2.0, 0.0, 8.0]])
+    wa.recompute_bn(norm, [x.to(torch.float16)])
+    assert torch.equal(norm.running_var, x.double().var(0).to(torch.float16))
