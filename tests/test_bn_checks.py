@@ -308,3 +308,11 @@ def test_low_precision_batchnorm_of_two_samples_has_their_variance() -> None:
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [3.0, 2.0, 0.0, 8.0]])
     wa.recompute_bn(norm, [x.to(torch.float16)])
     assert torch.equal(norm.running_var, x.double().var(0).to(torch.float16))
+
+
+def test_sync_ranks_without_torch_distributed_is_ignored() -> None:
+    net = Net()
+    ref = copy.deepcopy(net)
+    xs = data([3, 4])
+    assert wa.recompute_bn(net, xs, sync_ranks=True) == wa.recompute_bn(ref, xs) == 7
+    assert torch.equal(net.norm.running_var, ref.norm.running_var)

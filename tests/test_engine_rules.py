@@ -303,6 +303,12 @@ def test_the_per_tensor_scan_runs_only_after_the_cheap_check_fails(monkeypatch: 
         assert avg.update(model)
     assert scans == []
     assert torch.isnan(avg.averaged_tensors("ema")["1.running_mean"]).all()  # copied as it is
+    # float16 sources near the top of their range: a float16 sum would overflow; minimum and maximum don't
+    half = nn.Linear(64, 64).half()
+    with torch.no_grad():
+        half.weight.fill_(6e4)
+    wa.Averager(half, check="host").update(half)
+    assert scans == []
     with torch.no_grad():
         model[0].weight[0, 0] = math.nan
     with pytest.raises(wa.NonFiniteError, match=r"1 tensor\(s\): 0\.weight"):
@@ -340,6 +346,7 @@ def test_a_source_with_nothing_to_average_only_copies() -> None:
     assert int(got["n"]) == 3 and torch.equal(got["m"], torch.arange(1, 5))
 
 
+@pytest.mark.filterwarnings("error")  # e.g. a scratch of the wrong size, resized by an out= (with a warning)
 def test_big_tensors_stream_in_pieces_on_the_general_path() -> None:
     # 520·520 = 270,400 elements: more than one piece of the general path's stream (2^18)
     model = nn.Linear(520, 520, bias=False)
@@ -350,3 +357,16 @@ def test_big_tensors_stream_in_pieces_on_the_general_path() -> None:
         ema = 0.5 * ema + 0.5 * s["weight"]
     torch.testing.assert_close(avg.averaged_tensors("ema")["weight"], ema)
     torch.testing.assert_close(avg.averaged_tensors("sq")["weight"], sum(s["weight"] ** 2 for s in seen) / 3)
+
+
+@pytest.mark.parametrize("culprit", ["f32", "f64"])
+def test_nan_in_any_dtype_group_is_refused(culprit: str) -> None:
+    # the partial values of each (dtype, device) group are reduced apart, then together
+    model = nn.ModuleDict({"f32": nn.Linear(3, 2), "f64": nn.Linear(2, 2).double()})
+    avg = wa.Averager(model, rule=wa.ema(0.5), check="host")
+    avg.update(model)
+    with torch.no_grad():
+        model[culprit].weight[0, 0] = math.nan
+    for _ in range(2):  # the first after a copy, then the planned update
+        with pytest.raises(wa.NonFiniteError, match=culprit):
+            avg.update(model)
