@@ -303,11 +303,13 @@ def test_unbatched_instance_norm_inputs_count_as_one_instance(dtype: torch.dtype
     torch.testing.assert_close(norm.running_var.double(), h.var(2).mean(0), **tol)
 
 
-def test_low_precision_batchnorm_of_two_samples_has_their_variance() -> None:
-    norm = nn.BatchNorm1d(4).to(torch.float16)
-    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [3.0, 2.0, 0.0, 8.0]])
-    wa.recompute_bn(norm, [x.to(torch.float16)])
-    assert torch.equal(norm.running_var, x.double().var(0).to(torch.float16))
+@pytest.mark.parametrize("x", [[[1.0, 2.0, 3.0, 4.0], [3.0, 2.0, 0.0, 8.0]], [[1.0], [2.5], [7.0]]],
+                         ids=["two samples", "one channel"])
+def test_low_precision_batchnorm_of_a_few_values_has_their_variance(x: list) -> None:
+    t = torch.tensor(x)
+    norm = nn.BatchNorm1d(t.shape[1]).to(torch.float16)
+    wa.recompute_bn(norm, [t.to(torch.float16)])
+    assert torch.equal(norm.running_var, t.double().var(0).to(torch.float16))
 
 
 def test_sync_ranks_without_torch_distributed_is_ignored() -> None:
