@@ -318,3 +318,18 @@ def test_sync_ranks_without_torch_distributed_is_ignored() -> None:
     xs = data([3, 4])
     assert wa.recompute_bn(net, xs, sync_ranks=True) == wa.recompute_bn(ref, xs) == 7
     assert torch.equal(net.norm.running_var, ref.norm.running_var)
+
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d, nn.SyncBatchNorm])
+def test_one_batch_gives_the_layers_own_statistics(layer: type) -> None:
+    # float32 buffers: each batch is measured by the layer's own kernel (momentum 1), not from its
+    # inputs in float64: one batch leaves exactly what one train-mode forward with momentum 1 does
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 64), layer(64))
+    ref = copy.deepcopy(net)
+    x = torch.randn(9, 5) * 3 + 100
+    wa.recompute_bn(net, [x])
+    ref[1].momentum = 1.0
+    ref.train()(x)
+    assert torch.equal(net[1].running_mean, ref[1].running_mean)
+    assert torch.equal(net[1].running_var, ref[1].running_var)
