@@ -19,9 +19,10 @@ Run (from the repository root, one core, low priority)::
     nice -n 10 python benchmarks/mutation.py engine --json out.json
 
 Targets and their tests are in ``TARGETS``; ``--tests`` overrides the test files, ``--functions``
-restricts a target to some functions (the engine target mutates only the update path). Each
-mutant first meets the target's first (most specific) test file and, if it survives that, all of
-the target's files; ``-x`` stops at the first failure and hypothesis runs fixed examples without
+restricts a target to some functions, by name or ``Class.method`` (the engine targets mutate only
+the update path). Each
+mutant meets the target's test files one at a time, the first (most specific) first, until one
+fails; ``-x`` stops at the first failure and hypothesis runs fixed examples without
 shrinking, so a killed mutant costs one short pytest run.
 """
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import compileall
 import contextlib
 import copy
 import json
@@ -51,7 +53,17 @@ PKG = ROOT / "src" / "weightavg"
 class Target:
     module: str  # path relative to src/weightavg
     tests: tuple[str, ...]  # test files (relative to the root), most specific first
-    functions: tuple[str, ...] = ()  # only mutate inside these functions (any nesting); () = everywhere
+    # only mutate inside these functions (any nesting), each a name or ``Class.method``; () = everywhere
+    functions: tuple[str, ...] = ()
+    # test files run only for mutants inside some functions (slow tests for one function's mutants):
+    # (test file, (function, ...)); each must also be in ``tests``
+    scoped: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def tests_for(self, function: str) -> list[str]:
+        """The test files for a mutant inside ``function`` (a name or ``Class.method``)."""
+        limits = dict(self.scoped)
+        return [t for t in self.tests
+                if t not in limits or any(function == f or function.endswith("." + f) for f in limits[t])]
 
 
 TARGETS: dict[str, Target] = {
@@ -60,9 +72,23 @@ TARGETS: dict[str, Target] = {
     "metrics": Target("metrics.py", ("tests/test_metrics.py", "tests/test_swag_bma.py")),
     "schedules": Target("_schedules.py", ("tests/test_schedules.py", "tests/test_policy.py",
                                           "tests/test_swa_utils.py")),
-    "bn": Target("_bn.py", ("tests/test_bn_checks.py", "tests/test_bn.py", "tests/test_swa_utils.py")),
-    "engine": Target("_engine.py", ("tests/test_engine_rules.py", "tests/test_engine.py", "tests/test_swag.py"),
-                     ("update", "_plan", "_update_group", "_run", "_check", "_gather", "_total")),
+    "bn": Target("_bn.py", ("tests/test_bn_checks.py", "tests/test_bn.py", "tests/test_swa_utils.py",
+                            "tests/distributed/test_bn_sync.py", "tests/distributed/test_bn_sync_layers.py"),
+                 scoped=(("tests/distributed/test_bn_sync.py", ("recompute_bn", "_pool_across_ranks")),
+                         ("tests/distributed/test_bn_sync_layers.py", ("recompute_bn", "_pool_across_ranks")))),
+    # the engine's update path: the host-check executor (its CUDA-only offload pieces excepted, which
+    # this CPU run cannot reach), the device-side deferred executor, and Averager.update and counters
+    "engine": Target("_executor.py", ("tests/test_engine_rules.py", "tests/test_engine.py",
+                                      "tests/test_deferred.py", "tests/test_engine_binding.py"),
+                     ("LocalExecutor.execute", "finite", "_plan", "_check_plan", "_gather", "_check",
+                      "_nonfinite_names", "LocalExecutor.copy", "_update_group", "_probe", "_total", "_run",
+                      "scratch_for")),
+    "deferred": Target("_deferred.py", ("tests/test_deferred.py", "tests/test_engine_rules.py",
+                                        "tests/test_engine.py")),
+    "averager": Target("_engine.py", ("tests/test_engine_rules.py", "tests/test_engine.py",
+                                      "tests/test_deferred.py"),
+                       ("Averager.update", "_copy_after_update", "num_updates", "num_skipped", "settle",
+                        "_settle")),
 }
 
 
@@ -70,6 +96,7 @@ TARGETS: dict[str, Target] = {
 class Mutant:
     index: int
     line: int
+    function: str  # the enclosing function, ``Class.method`` for a method ("" at module level)
     kind: str
     before: str
     after: str
@@ -98,8 +125,10 @@ class _Mutator(ast.NodeTransformer):
         self.target = target
         self.functions = functions
         self.count = 0
-        self.found: list[tuple[int, str, ast.AST]] = []  # (line, kind, original node) per index
+        self.found: list[tuple[int, str, str]] = []  # (line, kind, enclosing function) per index
         self._inside = 0 if functions else 1
+        self._classes: list[str] = []  # the enclosing classes, innermost last
+        self._function = ""  # the outermost enclosing function, qualified
         self.hit: tuple[ast.AST, ast.AST] | None = None
 
     # --- bookkeeping -------------------------------------------------------------------------
@@ -108,7 +137,7 @@ class _Mutator(ast.NodeTransformer):
             return node
         i = self.count
         self.count += 1
-        self.found.append((getattr(node, "lineno", 0), kind, node))
+        self.found.append((getattr(node, "lineno", 0), kind, self._function))
         if i == self.target:
             new = make(copy.deepcopy(node))
             self.hit = (node, new)
@@ -116,8 +145,11 @@ class _Mutator(ast.NodeTransformer):
         return node
 
     def _walk_function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.AST:
-        entered = bool(self.functions) and node.name in self.functions
+        qualified = f"{self._classes[-1]}.{node.name}" if self._classes else node.name
+        entered = bool(self.functions) and (node.name in self.functions or qualified in self.functions)
         self._inside += entered
+        outer = self._function
+        self._function = outer or qualified
         # skip the docstring, the decorators, the annotations: mutate defaults and the body only
         body = node.body[1:] if node.body and _is_docstring(node.body[0], node) else node.body
         node.args.defaults = [self.visit(d) for d in node.args.defaults]
@@ -128,6 +160,7 @@ class _Mutator(ast.NodeTransformer):
             new_body.extend(res if isinstance(res, list) else [res])
         node.body = (node.body[:1] if len(body) < len(node.body) else []) + (new_body or [ast.Pass()])
         self._inside -= entered
+        self._function = outer
         return node
 
     visit_FunctionDef = _walk_function
@@ -135,7 +168,9 @@ class _Mutator(ast.NodeTransformer):
 
     def visit_ClassDef(self, node: ast.ClassDef) -> ast.AST:
         body = node.body[1:] if node.body and _is_docstring(node.body[0], node) else node.body
+        self._classes.append(node.name)
         new_body = [self.visit(s) for s in body]
+        self._classes.pop()
         node.body = (node.body[:1] if len(body) < len(node.body) else []) + new_body
         return node
 
@@ -256,7 +291,7 @@ def enumerate_mutants(source: str, functions: tuple[str, ...]) -> list[Mutant]:
         _, mi = _mutate(source, i, functions)
         assert mi.hit is not None
         before, after = mi.hit
-        out.append(Mutant(i, getattr(before, "lineno", 0), m.found[i][1],
+        out.append(Mutant(i, getattr(before, "lineno", 0), m.found[i][2], m.found[i][1],
                           ast.unparse(before).splitlines()[0][:90], ast.unparse(after).splitlines()[0][:90]))
     return out
 
@@ -333,11 +368,16 @@ def _with_source(module: str, source: str) -> Iterator[Path]:
     if not _SNAPSHOT:
         snap = Path(tempfile.mkdtemp(prefix="weightavg-snapshot-"))
         shutil.copytree(PKG, snap / "weightavg", ignore=shutil.ignore_patterns("__pycache__"))
+        # compiled once: each mutant's copy (timestamps kept) recompiles only the mutated module
+        compileall.compile_dir(snap / "weightavg", quiet=2)
         _SNAPSHOT.append(snap)
     tmp = Path(tempfile.mkdtemp(prefix="weightavg-mutant-"))
     try:
         shutil.copytree(_SNAPSHOT[0] / "weightavg", tmp / "weightavg")
-        (tmp / "weightavg" / module).write_text(source)
+        path = tmp / "weightavg" / module
+        for stale in path.parent.glob(f"__pycache__/{path.stem}.*.pyc"):
+            stale.unlink()
+        path.write_text(source)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -370,13 +410,20 @@ def run_target(name: str, target: Target, *, only: list[int] | None, timeout_fac
             continue
         mutated, _ = _mutate(source, mu.index, target.functions)
         with _with_source(target.module, mutated) as parent:
-            # the most specific test file first (kills most mutants, fast); the rest only if it survives
-            outcome = _run_tests(parent, tests[:1], timeout)
-            if outcome == "survived" and len(tests) > 1:
-                outcome = _run_tests(parent, tests, timeout)
+            # one test file at a time, the most specific first (it kills most mutants, fast): the
+            # others run only while the mutant survives
+            outcome = "survived"
+            for test in target.tests_for(mu.function):
+                if not (ROOT / test).exists():
+                    continue
+                outcome = _run_tests(parent, [test], timeout)
+                if outcome != "survived":
+                    break
         results[outcome].append(mu)
-        mark = {"killed": ".", "survived": "S", "timeout": "T"}[outcome]
-        print(mark, end="", flush=True)
+        if outcome == "survived":  # at once, so that a long run can be acted upon while it goes on
+            print(f"\n   survived #{mu.index} line {mu.line} [{mu.kind}] {mu.before}  =>  {mu.after}", flush=True)
+        else:
+            print("." if outcome == "killed" else "T", end="", flush=True)
     print()
     n = sum(len(v) for v in results.values())
     caught = len(results["killed"]) + len(results["timeout"])
@@ -412,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.targets or list(TARGETS):
         t = TARGETS[name]
         t = Target(args.module or t.module, tuple(args.tests or t.tests),
-                   tuple(args.functions) if args.functions else t.functions)
+                   tuple(args.functions) if args.functions else t.functions, () if args.tests else t.scoped)
         reports.append(run_target(name, t, only=args.only, timeout_factor=args.timeout_factor,
                                   min_timeout=args.min_timeout, list_only=args.list))
     if not args.list:

@@ -192,3 +192,144 @@ def test_model_without_norm_layers_reads_no_data() -> None:
     assert wa.has_running_stats(Net())
     assert not wa.has_running_stats(nn.BatchNorm1d(2, track_running_stats=False))
     assert not wa.has_running_stats(nn.InstanceNorm1d(2))  # no running stats by default
+
+
+@pytest.mark.parametrize("kind", ["tag first", "kwarg first", "zero-dim", "no tensor"])
+def test_returned_count_looks_past_what_is_not_a_batch_of_samples(kind: str) -> None:
+    # the count comes from the first tensor with a batch dimension; a 0-d tensor batch is one
+    # sample; a batch holding no tensor counts 0 (the statistics are still recomputed)
+    xs = data([5, 7])
+    batches, fwd, expected = {
+        "tag first": ([("tag", x) for x in xs], lambda m, b: m(b[1]), 12),
+        "kwarg first": ([{"scale": 2.0, "x": x} for x in xs], None, 12),
+        "zero-dim": ([torch.tensor(float(i)) for i in range(2)], lambda m, i: m(xs[int(i)]), 2),
+        "no tensor": ([i for i in range(2)], lambda m, i: m(xs[i]), 0),
+    }[kind]
+    net = Net()
+    ref = copy.deepcopy(net)
+    assert wa.recompute_bn(net, batches, forward_fn=fwd) == expected
+    scale = 2.0 if kind == "kwarg first" else 1.0
+    wa.recompute_bn(ref, xs, forward_fn=lambda m, x: m(x, scale=scale))
+    torch.testing.assert_close(net.norm.running_mean, ref.norm.running_mean)
+    torch.testing.assert_close(net.norm.running_var, ref.norm.running_var)
+
+
+def test_device_move_passes_what_is_not_a_tensor_unchanged() -> None:
+    seen: list[tuple] = []
+
+    def fwd(model: nn.Module, batch: tuple) -> None:
+        x, label, extra = batch
+        seen.append((x.device.type, label, extra))
+        model(x if x.device.type == "cpu" else torch.ones(2, 2, 6))
+
+    wa.recompute_bn(Net(), [(x, "a", 3) for x in data([2, 3])], device="cpu", forward_fn=fwd)
+    assert seen == [("cpu", "a", 3)] * 2
+    seen.clear()
+    wa.recompute_bn(Net(), [(x, "b", None) for x in data([2])], device="meta", forward_fn=fwd)
+    assert seen == [("meta", "b", None)]
+
+
+@pytest.mark.parametrize("buffer", ["running_mean", "running_var"])
+def test_nan_left_in_a_buffer_does_not_survive(buffer: str) -> None:
+    # each batch is measured with momentum 1, and (1 - 1) * NaN is still NaN: the buffers are
+    # reset first, so the result equals that of a model whose buffers were finite
+    net = Net()
+    ref = copy.deepcopy(net)
+    getattr(net.norm, buffer).fill_(float("nan"))
+    xs = data([4, 6])
+    wa.recompute_bn(net, xs)
+    wa.recompute_bn(ref, xs)
+    torch.testing.assert_close(net.norm.running_mean, ref.norm.running_mean)
+    torch.testing.assert_close(net.norm.running_var, ref.norm.running_var)
+
+
+def test_num_batches_one_reads_one_batch() -> None:
+    xs = data([3, 5])
+    net = Net()
+    ref = copy.deepcopy(net)
+    assert wa.recompute_bn(net, iter(xs), num_batches=1) == 3
+    wa.recompute_bn(ref, xs[:1])
+    torch.testing.assert_close(net.norm.running_var, ref.norm.running_var)
+
+
+def test_a_lazy_layer_not_yet_materialized_gets_the_statistics_of_its_inputs() -> None:
+    net = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.LazyBatchNorm1d())
+    ref = nn.Sequential(copy.deepcopy(net[0]), nn.BatchNorm1d(3))
+    xs = data([4, 6])
+    assert wa.recompute_bn(net, xs) == 10
+    wa.recompute_bn(ref, xs)
+    torch.testing.assert_close(net[1].running_mean, ref[1].running_mean)
+    torch.testing.assert_close(net[1].running_var, ref[1].running_var)
+
+
+def test_low_precision_instance_norm_is_measured_from_its_inputs() -> None:
+    # bfloat16 buffers cannot hold each batch's statistics: they are taken from the inputs in float64;
+    # InstanceNorm's running statistics are the instance-weighted means of per-instance mean/variance
+    net = Net(nn.InstanceNorm1d(3, track_running_stats=True)).to(torch.bfloat16)
+    xs = [x.to(torch.bfloat16) for x in data([4, 2])]
+    seen: list[torch.Tensor] = []
+    net.norm.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
+    wa.recompute_bn(net, xs)
+    h = torch.cat(seen)  # (6 instances, 3 channels, 6 positions)
+    torch.testing.assert_close(net.norm.running_mean.double(), h.mean(2).mean(0), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(net.norm.running_var.double(), h.var(2).mean(0), rtol=1e-2, atol=1e-2)
+
+
+def test_low_precision_batchnorm_statistics_are_rounded_once() -> None:
+    # float16 buffers: the statistics are computed from the inputs in float64 and rounded once, so
+    # they equal the float64 pooled statistics rounded to float16 (each batch's own statistics,
+    # rounded to float16 and then pooled, would be off by an ulp here and there)
+    net = nn.Sequential(nn.Conv1d(2, 16, 3, padding=1), nn.BatchNorm1d(16)).to(torch.float16)
+    xs = [x.to(torch.float16) for x in data([3, 5, 2, 7])]
+    seen: list[torch.Tensor] = []
+    net[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
+    wa.recompute_bn(net, xs)
+    h = torch.cat([x.transpose(0, 1).reshape(16, -1) for x in seen], dim=1)
+    assert torch.equal(net[1].running_mean, h.mean(1).to(torch.float16))
+    assert torch.equal(net[1].running_var, h.var(1).to(torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["buffers", "measured"])
+def test_unbatched_instance_norm_inputs_count_as_one_instance(dtype: torch.dtype) -> None:
+    # a (C, L) input is one instance, a (N, C, L) input N of them: the running statistics are the
+    # instance-weighted means of each instance's mean and unbiased variance
+    norm = nn.InstanceNorm1d(3, track_running_stats=True).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(3, 6, generator=g) * 2 + 1, torch.randn(4, 3, 6, generator=g) - 1]
+    wa.recompute_bn(norm, [x.to(dtype) for x in batches])
+    h = torch.cat([batches[0].unsqueeze(0), batches[1]]).to(dtype).double()  # 5 instances
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(norm.running_mean.double(), h.mean(2).mean(0), **tol)
+    torch.testing.assert_close(norm.running_var.double(), h.var(2).mean(0), **tol)
+
+
+@pytest.mark.parametrize("x", [[[1.0, 2.0, 3.0, 4.0], [3.0, 2.0, 0.0, 8.0]], [[1.0], [2.5], [7.0]]],
+                         ids=["two samples", "one channel"])
+def test_low_precision_batchnorm_of_a_few_values_has_their_variance(x: list) -> None:
+    t = torch.tensor(x)
+    norm = nn.BatchNorm1d(t.shape[1]).to(torch.float16)
+    wa.recompute_bn(norm, [t.to(torch.float16)])
+    assert torch.equal(norm.running_var, t.double().var(0).to(torch.float16))
+
+
+def test_sync_ranks_without_torch_distributed_is_ignored() -> None:
+    net = Net()
+    ref = copy.deepcopy(net)
+    xs = data([3, 4])
+    assert wa.recompute_bn(net, xs, sync_ranks=True) == wa.recompute_bn(ref, xs) == 7
+    assert torch.equal(net.norm.running_var, ref.norm.running_var)
+
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d, nn.SyncBatchNorm])
+def test_one_batch_gives_the_layers_own_statistics(layer: type) -> None:
+    # float32 buffers: each batch is measured by the layer's own kernel (momentum 1), not from its
+    # inputs in float64: one batch leaves exactly what one train-mode forward with momentum 1 does
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 64), layer(64))
+    ref = copy.deepcopy(net)
+    x = torch.randn(9, 5) * 3 + 100
+    wa.recompute_bn(net, [x])
+    ref[1].momentum = 1.0
+    ref.train()(x)
+    assert torch.equal(net[1].running_mean, ref[1].running_mean)
+    assert torch.equal(net[1].running_var, ref[1].running_var)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -245,13 +246,19 @@ def test_planned_update_matches_general_path(monkeypatch: pytest.MonkeyPatch, sc
     planned = wa.Averager(model, rule=rules, nonfinite=nonfinite)  # type: ignore[arg-type]
     general = wa.Averager(model, rule=rules, nonfinite=nonfinite)  # type: ignore[arg-type]
     general._executor.plannable = False  # type: ignore[attr-defined]
+    runs = []
+    run = _executor._run
+    monkeypatch.setattr(_executor, "_run", lambda ops, w: (runs.append(len(ops)), run(ops, w)))
     gen = torch.Generator().manual_seed(2)
-    for _ in range(4):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=gen))
-        planned.update(model)
-        general.update(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a gather into a scratch of the wrong size resizes it, warning
+        for _ in range(4):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen))
+            planned.update(model)
+            general.update(model)
+    assert len(runs) == 3  # the plan ran, for every update but the first (a copy: the general path)
     assert planned._binder.bindings[id(model)].plan is not None
     assert general._binder.bindings[id(model)].plan is None
     for slot in rules:

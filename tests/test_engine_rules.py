@@ -8,6 +8,7 @@ in-place-only rule set, skipped non-finite updates, and ``update(step=)``.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -173,3 +174,199 @@ def test_repr_and_summary_say_what_is_tracked() -> None:
                              "buffers='average'; rules: swa=mean(), e=ema(half_life=100); updates: 0")
     avg.update(m)
     assert avg.summary().endswith("updates: 1") and repr(avg).endswith("num_updates=1)")
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["packed+big", "contiguous"])
+@pytest.mark.parametrize("rule", ["ema", "mean"])
+def test_first_update_after_reset_copies_over_nan_and_inf(contiguous: bool, rule: str) -> None:
+    # with nonfinite="allow" the average takes NaN/Inf in; after reset() the next update is a copy
+    # (weight 1) and must overwrite them exactly: a lerp with weight 1 would keep NaN (NaN·0 = NaN)
+    model = SmallAndBig()
+    if contiguous:
+        wa.make_contiguous(model)
+    avg = wa.Averager(model, rule=wa.ema(0.9) if rule == "ema" else wa.mean(), nonfinite="allow")
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.fill_(math.nan if i % 2 else math.inf)
+    avg.update(model)
+    avg.update(model)
+    assert all(not torch.isfinite(t).any() for t in avg.averaged_tensors().values())
+    avg.reset()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape))
+    avg.update(model)
+    got = avg.averaged_tensors()
+    for k, v in model.named_parameters():
+        assert torch.equal(got[k], v.detach()), k
+
+
+class RecordingMean:
+    """A user-defined rule (the Rule protocol): the equal mean, recording what it is shown."""
+
+    power = 1
+
+    def __init__(self) -> None:
+        self.seen: list[wa.UpdateInfo] = []
+
+    def weight(self, info: wa.UpdateInfo) -> float:
+        self.seen.append(info)
+        return 1.0 / (info.num_averaged + 1)
+
+    def config(self) -> dict:
+        return {"kind": "recording"}
+
+
+def test_a_user_rule_sees_the_documented_update_info() -> None:
+    # steps_since_last: the step itself on a first update (at least 1), then the distance in steps
+    lin = nn.Linear(2, 2)
+    rule = RecordingMean()
+    avg = wa.Averager(lin, rule=rule)
+    for s in (0, 3, 3, 10):
+        avg.update(lin, step=s)
+    avg.reset()
+    avg.update(lin, step=7)
+    avg.update(lin)
+    got = [(i.num_averaged, i.step, i.steps_since_last) for i in rule.seen]
+    assert got == [(0, 0, 1), (1, 3, 3), (2, 3, 0), (3, 10, 7), (0, 7, 7), (1, 8, 1)]
+
+
+def test_update_under_inference_mode_returns_true_and_averages() -> None:
+    lin = nn.Linear(3, 2)
+    avg = wa.Averager(lin, rule=wa.mean(), dtype=torch.float64)
+    seen = run_snapshots(lin, avg, 1)
+    with torch.inference_mode():
+        assert avg.update(lin) is True
+        seen.append({k: v.detach().double().clone() for k, v in lin.named_parameters()})
+    for k, t in avg.averaged_tensors().items():
+        torch.testing.assert_close(t, (seen[0][k] + seen[1][k]) / 2)
+
+
+def test_deferred_update_returns_true_and_checks_steps_against_the_last_attempt() -> None:
+    lin = nn.Linear(3, 2)
+    avg = wa.Averager(lin, rule=wa.ema(0.5), check="deferred", nonfinite="skip")
+    assert avg.update(lin, step=4) is True
+    with torch.no_grad():
+        lin.weight[0, 0] = float("nan")
+    assert avg.update(lin, step=10) is True  # refused on the device, reported at the next read
+    with pytest.raises(wa.ConfigError, match=r"step=5 is invalid: expected a step >= the previous update's step 10"):
+        avg.update(lin, step=5)
+    assert (avg.num_updates, avg.num_skipped) == (1, 1)
+    with torch.no_grad():
+        lin.weight[0, 0] = 0.0
+    avg.update(lin, step=11)
+    assert (avg.num_updates, avg.num_skipped) == (2, 1)  # a refusal is counted once
+
+
+def test_a_mapping_source_copies_its_integer_tensors_at_the_update() -> None:
+    # a mapping's tensors are read during update(): changing them afterwards changes nothing
+    src = {"w": torch.ones(3), "count": torch.tensor(5)}
+    avg = wa.Averager(src, rule=wa.mean())
+    avg.update(src)
+    src["count"].fill_(9)
+    src["w"].fill_(4.0)
+    got = avg.averaged_tensors()
+    assert int(got["count"]) == 5
+    assert torch.equal(got["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "allow"])
+def test_non_contiguous_small_sources_average_like_a_loop(nonfinite: str) -> None:
+    # a transposed parameter is not a 1-D view: the packed gather reshapes it (the general path)
+    model = SmallAndBig()
+    model.small.weight = nn.Parameter(torch.randn(3, 2).t())
+    assert not model.small.weight.is_contiguous()
+    avg = wa.Averager(model, rule={"ema": wa.ema(0.6), "sq": wa.mean(power=2)}, dtype=torch.float64,
+                      nonfinite=nonfinite)  # type: ignore[arg-type]
+    seen = run_snapshots(model, avg, 3)
+    for k in ("small.weight", "small.bias"):
+        ema = seen[0][k]
+        for s in seen[1:]:
+            ema = 0.6 * ema + 0.4 * s[k]
+        torch.testing.assert_close(avg.averaged_tensors("ema")[k], ema)
+        torch.testing.assert_close(avg.averaged_tensors("sq")[k], sum(s[k] ** 2 for s in seen) / 3)
+
+
+def test_the_per_tensor_scan_runs_only_after_the_cheap_check_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the check sums the averaged sources (one host read); only a non-finite total pays for the
+    # per-tensor scan that names the culprits. A NaN in a copied (not averaged) buffer is no reason
+    from weightavg._executor import LocalExecutor
+
+    scans: list[int] = []
+    scan = LocalExecutor._nonfinite_names
+    monkeypatch.setattr(LocalExecutor, "_nonfinite_names", lambda self, b: scans.append(1) or scan(self, b))
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model[1].running_mean.fill_(math.nan)
+    avg = wa.Averager(model, rule={"ema": wa.ema(0.5), "sq": wa.mean(power=2)}, buffers="copy", check="host")
+    for _ in range(3):
+        assert avg.update(model)
+    assert scans == []
+    assert torch.isnan(avg.averaged_tensors("ema")["1.running_mean"]).all()  # copied as it is
+    # float16 sources near the top of their range: a float16 sum would overflow; minimum and maximum don't
+    half = nn.Linear(64, 64).half()
+    with torch.no_grad():
+        half.weight.fill_(6e4)
+    wa.Averager(half, check="host").update(half)
+    assert scans == []
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    with pytest.raises(wa.NonFiniteError, match=r"1 tensor\(s\): 0\.weight"):
+        avg.update(model)
+    assert scans == [1]
+
+
+def test_a_non_contiguous_copied_buffer_is_copied_exactly() -> None:
+    class WithBuffer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("counts", torch.arange(6).view(2, 3).t())  # integer, non-contiguous
+            self.register_buffer("steps", torch.arange(4))
+
+    model = WithBuffer()
+    assert not model.counts.is_contiguous()
+    avg = wa.Averager(model, rule=wa.ema(0.5))
+    for i in range(2):
+        model.counts.add_(i + 1)
+        avg.update(model)
+    got = avg.averaged_tensors()
+    assert torch.equal(got["counts"], model.counts)
+    assert torch.equal(got["steps"], model.steps)
+
+
+def test_a_source_with_nothing_to_average_only_copies() -> None:
+    # integer tensors only: nothing is checked or averaged, the copies follow the source
+    src = {"n": torch.tensor(3), "m": torch.arange(4)}
+    avg = wa.Averager(src)
+    assert avg.update(src)
+    src["m"] += 1
+    assert avg.update(src)
+    got = avg.averaged_tensors()
+    assert int(got["n"]) == 3 and torch.equal(got["m"], torch.arange(1, 5))
+
+
+@pytest.mark.filterwarnings("error")  # e.g. a scratch of the wrong size, resized by an out= (with a warning)
+def test_big_tensors_stream_in_pieces_on_the_general_path() -> None:
+    # 520·520 = 270,400 elements: more than one piece of the general path's stream (2^18)
+    model = nn.Linear(520, 520, bias=False)
+    avg = wa.Averager(model, rule={"sq": wa.mean(power=2), "ema": wa.ema(0.5)}, dtype=torch.float64)
+    seen = run_snapshots(model, avg, 3)
+    ema = seen[0]["weight"]
+    for s in seen[1:]:
+        ema = 0.5 * ema + 0.5 * s["weight"]
+    torch.testing.assert_close(avg.averaged_tensors("ema")["weight"], ema)
+    torch.testing.assert_close(avg.averaged_tensors("sq")["weight"], sum(s["weight"] ** 2 for s in seen) / 3)
+
+
+@pytest.mark.parametrize("culprit", ["f32", "f64"])
+def test_nan_in_any_dtype_group_is_refused(culprit: str) -> None:
+    # the partial values of each (dtype, device) group are reduced apart, then together
+    model = nn.ModuleDict({"f32": nn.Linear(3, 2), "f64": nn.Linear(2, 2).double()})
+    avg = wa.Averager(model, rule=wa.ema(0.5), check="host")
+    avg.update(model)
+    with torch.no_grad():
+        model[culprit].weight[0, 0] = math.nan
+    for _ in range(2):  # the first after a copy, then the planned update
+        with pytest.raises(wa.NonFiniteError, match=culprit):
+            avg.update(model)

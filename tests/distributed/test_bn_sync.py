@@ -34,6 +34,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         net = _net()
         wa.recompute_bn(net, _data(rank), sync_ranks=True)
         torch.save(net.state_dict(), f"{out}/bn{rank}.pt")
+        local = _net()
+        wa.recompute_bn(local, _data(rank))  # without sync_ranks (the default): this rank's batches only
+        torch.save(local.state_dict(), f"{out}/local{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -46,3 +49,8 @@ def test_pooled_statistics_equal_one_pass_over_all_ranks_data(tmp_path) -> None:
         got = torch.load(tmp_path / f"bn{rank}.pt", weights_only=True)
         for name in ("1.running_mean", "1.running_var", "4.running_mean", "4.running_var"):
             torch.testing.assert_close(got[name], ref.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+        own = _net()
+        wa.recompute_bn(own, _data(rank))
+        local = torch.load(tmp_path / f"local{rank}.pt", weights_only=True)
+        for name, value in own.state_dict().items():
+            torch.testing.assert_close(local[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -40,6 +40,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         net = _net()
         n = wa.recompute_bn(net, _data(rank), sync_ranks=True)
         torch.save({"state": net.state_dict(), "n": n}, f"{out}/bn{rank}.pt")
+        lone = _net()  # only rank 0 has batches: rank 1 contributes zero counts and ends with rank 0's
+        n = wa.recompute_bn(lone, _data(0) if rank == 0 else [], sync_ranks=True)
+        torch.save({"state": lone.state_dict(), "n": n}, f"{out}/lone{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -54,3 +57,10 @@ def test_four_layers_pool_like_one_pass_over_all_data(tmp_path) -> None:
         assert got["n"] == sum(len(x) for x in _data(rank))  # the count stays this rank's
         for name in names:
             torch.testing.assert_close(got["state"][name], ref.state_dict()[name], rtol=1e-5, atol=1e-5, msg=name)
+    ref0 = _net()
+    wa.recompute_bn(ref0, _data(0))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"lone{rank}.pt", weights_only=True)
+        assert got["n"] == (sum(len(x) for x in _data(0)) if rank == 0 else 0)
+        for name in names:
+            torch.testing.assert_close(got["state"][name], ref0.state_dict()[name], rtol=1e-5, atol=1e-5, msg=name)
