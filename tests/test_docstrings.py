@@ -158,7 +158,7 @@ def _audit() -> list[str]:
                 if not _example(inspect.cleandoc(cls_doc)):
                     problems.append(f"{qual}: no Example: section with a >>> doctest")
                 continue
-            if init is not None and inspect.isfunction(init):
+            if init is not None and inspect.isfunction(init) and _ours(init):
                 doc = inspect.cleandoc(cls_doc) + "\n" + inspect.cleandoc(init_doc)
                 problems += [p.replace(f"{qual}.__init__", qual) for p in
                              _problems(f"{qual}.__init__", init, doc, need_example=False)
