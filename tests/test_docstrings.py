@@ -12,7 +12,7 @@ The rule (stated for contributors in docs/development.md):
   same rule.
 - Examples: every public function and class has an ``Example:``/``Examples:`` section with a
   ``>>>`` doctest (run by ``--doctest-modules``). A public method needs one of its own unless its
-  class's example already calls it (``.name(`` appears there).
+  class's (or its defining class's) example already calls it (``.name(`` appears there).
 - Overrides of a framework's method (a base class outside weightavg defines the same name:
   ``nn.Module.forward``, Lightning ``Callback`` hooks, ``TrainerCallback`` hooks, ``LRScheduler``
   methods) are exempt: their contract is the framework's.
@@ -171,8 +171,10 @@ def _audit() -> list[str]:
                     continue
                 done.add(id(meth))
                 owner = f"{meth.__module__}.{meth.__qualname__}" if meth.__module__ != module else f"{qual}.{name}"
+                defining = next(b for b in obj.__mro__ if name in vars(b))
+                examples = class_example + _example(inspect.cleandoc(defining.__doc__ or ""))
                 problems += _problems(owner, meth, inspect.getdoc(meth) or "",
-                                      need_example=f".{name}(" not in class_example)
+                                      need_example=f".{name}(" not in examples)
     return problems
 
 

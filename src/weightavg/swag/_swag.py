@@ -28,6 +28,12 @@ def last_layer(model: nn.Module) -> list[str]:
     the forward order for ``nn.Sequential`` and for most hand-written models, but not for every
     model: check the returned names, or pass names/patterns to ``include`` yourself.
 
+    Returns:
+        The names, to pass as ``SWAG(model, include=...)`` for a last-layer posterior.
+
+    Raises:
+        ConfigError: ``model`` is not an ``nn.Module`` or has no parameter.
+
     Examples:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -140,6 +146,7 @@ class SWAG:
         >>> again = weightavg.SWAG.from_state_dict(swag.state_dict(), net)
         >>> torch.equal(again.deviations(), swag.deviations()), again.config()["max_rank"]
         (True, 5)
+        >>> again.load_state_dict(swag.state_dict())  # into an existing posterior
         >>> import os, tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "swag.pt")
         >>> swag.save(path)
