@@ -525,7 +525,21 @@ class PostHocEMA(AveragingPolicy):
             self._snapshot()
 
     def on_epoch_end(self) -> None:
-        """Tell the policy that an epoch ended (snapshots every whole epochs are taken here)."""
+        """Tell the policy that an epoch ended (snapshots every whole epochs are taken here).
+
+        Examples:
+            >>> import tempfile, torch
+            >>> from weightavg.posthoc import PostHocEMA
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> phema = PostHocEMA(tempfile.mkdtemp(), snapshot_every="1ep")
+            >>> phema.begin(model, opt)
+            >>> model(torch.randn(3, 2)).sum().backward(); opt.step()
+            >>> phema.on_epoch_end()  # one snapshot per tracked EMA
+            >>> len(phema.snapshots)
+            2
+            >>> phema.end()
+        """
         super().on_epoch_end()
         t = self._t_snapshot
         if t.unit == "epoch" and self.epochs % t.value == 0:
@@ -637,6 +651,22 @@ def _is_sharded(model: nn.Module) -> bool:
 class Reconstruction:
     """One reconstructed EMA, returned by :func:`reconstruct` (see :class:`PostHocEMA` for a run).
 
+    Examples:
+        >>> import tempfile, torch
+        >>> from weightavg.posthoc import PostHocEMA, reconstruct
+        >>> model, d = torch.nn.Linear(2, 1), tempfile.mkdtemp()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> phema = PostHocEMA(d, sigma_rels=(0.05, 0.15), snapshot_every="2ba")
+        >>> phema.begin(model, opt)
+        >>> for _ in range(4):
+        ...     model(torch.randn(4, 2)).sum().backward(); opt.step(); opt.zero_grad()
+        >>> phema.end()
+        >>> r = reconstruct(d, sigma_rel=0.05, warn=False)  # a tracked profile: exact
+        >>> r.relative_residual < 1e-6, round(sum(r.coefficients.values()), 6)
+        (True, 1.0)
+        >>> sorted(r.summary())
+        ['buffers_from', 'coefficients', 'gamma', 'relative_residual', 'sigma_rel', 'step', 'warnings']
+
     Attributes:
         state_dict: the weights (tracked tensors, in the model's own dtypes): parameters
             reconstructed, buffers taken from ``buffers_from``.
@@ -722,7 +752,22 @@ def reconstruct(
 
     Raises:
         SnapshotError: no usable manifest, a snapshot missing, altered or unsafe.
-        ConfigError: bad targets, or ``step`` before the first snapshot.
+        ConfigError: bad targets, ``step`` before the first snapshot, no snapshot yet, or
+            ``safetensors`` not installed.
+
+    Examples:
+        >>> import tempfile, torch
+        >>> from weightavg.posthoc import PostHocEMA, reconstruct
+        >>> model, d = torch.nn.Linear(2, 1), tempfile.mkdtemp()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> phema = PostHocEMA(d, sigma_rels=(0.05, 0.15), snapshot_every="2ba")
+        >>> phema.begin(model, opt)
+        >>> for _ in range(4):
+        ...     model(torch.randn(4, 2)).sum().backward(); opt.step(); opt.zero_grad()
+        >>> phema.end()
+        >>> rs = reconstruct(d, sigma_rel=[0.08, 0.12], step=2, warn=False)  # two, in one pass
+        >>> [(round(r.sigma_rel, 2), r.step, sorted(r.state_dict)) for r in rs]
+        [(0.08, 2, ['bias', 'weight']), (0.12, 2, ['bias', 'weight'])]
     """
     _require_safetensors()
     d = Path(directory)
