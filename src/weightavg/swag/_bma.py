@@ -52,6 +52,8 @@ class Posterior(Protocol):
         ...             with torch.no_grad():
         ...                 _ = model.weight.copy_(saved)
         >>> net = torch.nn.Linear(1, 2, bias=False)
+        >>> [net.weight.sum().item() for _ in TwoWeights().draws(net)]  # what bma_predict iterates
+        [2.0, -2.0]
         >>> bma_predict(TwoWeights(), net, [torch.ones(1, 1)])  # both draws' softmax averaged
         tensor([[0.5000, 0.5000]], dtype=torch.float64)
     """
