@@ -139,8 +139,9 @@ class Averager:
         0
 
     Raises:
-        ConfigError: a bad ``rule``, ``params``, ``buffers``, ``nonfinite``, ``check``, ``dtype``
-            or ``device``, a source with no tensor to track, or names that collide.
+        ConfigError: a bad ``rule``, ``params``, ``buffers``, ``nonfinite``, ``check`` or
+            ``dtype``; a model with tensors on the meta device, with no tensor to track, or with
+            two different tensors under one name.
     """
 
     def __init__(
