@@ -21,13 +21,24 @@ Protocol (every method gets the same number of training epochs per run):
 
     python benchmarks/swag_mnist1d.py               # full run (5 seeds)
     python benchmarks/swag_mnist1d.py --quick       # smoke run (~1 min)
+    python benchmarks/swag_mnist1d.py --lr 0.05 --swa-lr 0.2 --json r.json --plot swag.png
+    python benchmarks/swag_mnist1d.py --from-json r.json --plot swag.png   # redraw, no training
+
+``--json`` keeps the per-seed results with the command, seeds, sizes and machine; ``--plot``
+draws test accuracy, NLL and ECE per method (mean ± std over seeds, one dot per seed) and writes
+the command and the machine under the figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import platform
+import shlex
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -219,6 +230,59 @@ def tune(d, a: argparse.Namespace) -> tuple[float, float, list[str]]:
     return best_lr, best_swa, log
 
 
+# ----------------------------------------------------------------------------- record & plot
+
+
+def machine() -> str:
+    """The machine in words: CPU count, OS and torch build (what a figure's caption names)."""
+    return (f"{os.cpu_count()}-core CPU, {platform.system()} {platform.machine()}, "
+            f"torch {torch.__version__}")
+
+
+def command(script: str, argv: list[str]) -> str:
+    """The command line that produced the results, without the output options (--json, --plot)."""
+    kept, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x in ("--json", "--plot"):
+            skip = True
+        elif not x.startswith(("--json=", "--plot=")):
+            kept.append(shlex.quote(x))
+    return " ".join(["python", script, *kept])
+
+
+def plot(record: dict, path: str) -> None:
+    """Accuracy, NLL and ECE per method: mean ± std over seeds, one dot per seed, caption below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res, n = record["results"], len(record["seeds"])
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    for ax, (key, label) in zip(axes, [("acc", "test accuracy %  (higher is better)"),
+                                       ("nll", "test NLL  (lower is better)"),
+                                       ("ece", "test ECE %, 15 bins  (lower is better)")], strict=True):
+        for i, m in enumerate(METHODS):
+            v = res[m][key]
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            ax.errorbar([i], [statistics.mean(v)], yerr=[sd], fmt="o", color=f"C{i}", capsize=4, ms=6)
+            ax.scatter([i + 0.18] * len(v), v, s=8, color=f"C{i}", alpha=0.5)
+        ax.set_xticks(range(len(METHODS)), METHODS, rotation=30, fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    a = record["args"]
+    fig.suptitle(f"MNIST-1D, 1D CNN with BatchNorm: {n} seeds, mean ± std (dots: seeds), "
+                 f"{a['epochs']} epochs, test set {a['test_size']:,}", fontsize=10)
+    fig.text(0.01, 0.01, f"$ {record['command']}\n{record['machine']}, {a['threads']} thread(s); "
+             f"lr={record['lr']:g}, swa_lr={record['swa_lr']:g}", fontsize=7, family="monospace")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -239,7 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--swa-lr", type=float, default=None, help="skip tuning: SWA learning rate")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="2 seeds, 16 epochs, small test set")
+    ap.add_argument("--json", metavar="PATH", help="write the per-seed results, command and machine")
+    ap.add_argument("--plot", metavar="PATH", help="draw the results (PNG; needs matplotlib)")
+    ap.add_argument("--from-json", metavar="PATH", help="no training: plot a --json file's results")
     a = ap.parse_args(argv)
+    if a.from_json:
+        with open(a.from_json) as f:
+            record = json.load(f)
+        if a.plot:
+            plot(record, a.plot)
+        return 0
     if a.quick:
         a.seeds, a.epochs, a.test_size, a.samples, a.val_samples = 2, 16, 2000, 12, 4
         a.lrs, a.swa_lrs = a.lrs[1:3], a.swa_lrs[1:3]
@@ -291,6 +364,16 @@ def main(argv: list[str] | None = None) -> int:
     da = [x - y for x, y in zip(res["SWA"]["acc"], res["SGD"]["acc"], strict=True)]
     print(f"paired accuracy difference SWA − SGD: {ms(da, '+.2f')} points")
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
+    cmd = command("benchmarks/swag_mnist1d.py", sys.argv[1:] if argv is None else argv)
+    record = {"command": cmd, "machine": machine(), "seeds": list(range(a.seeds)), "lr": lr,
+              "swa_lr": swa_lr, "args": {k: v for k, v in vars(a).items()
+                                         if k not in ("json", "plot", "from_json")},
+              "results": {m: dict(r) for m, r in res.items()}, "wall_s": time.perf_counter() - t0}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(record, f, indent=1)
+    if a.plot:
+        plot(record, a.plot)
     return 0
 
 

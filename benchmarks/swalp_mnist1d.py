@@ -26,13 +26,24 @@ closes: ``(err(b-bit SGD) − err(SWALP)) / (err(b-bit SGD) − err(float SGD))`
 
     nice -n 10 python benchmarks/swalp_mnist1d.py             # MLP at 8 6 5 4 bits, CNN at 8 6 4, 5 seeds
     python benchmarks/swalp_mnist1d.py --models mlp --bits 8 4 --seeds 3 --epochs 10   # quicker
+    python benchmarks/swalp_mnist1d.py --json r.json --plot swalp.png   # also keep and draw the results
+    python benchmarks/swalp_mnist1d.py --from-json r.json --plot swalp.png   # redraw, no training
+
+``--json`` keeps the per-seed test errors with the command, seeds, sizes and machine; ``--plot``
+draws test error against bit width per model (mean ± std over seeds) and writes the command and the
+machine under the figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import platform
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -184,6 +195,58 @@ def table(kind: str, results: list[dict[str, float]], bits_list: list[int]) -> l
     return lines
 
 
+def command(argv: list[str]) -> str:
+    """The command line that produced the results, without the output options (--json, --plot)."""
+    kept, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x in ("--json", "--plot"):
+            skip = True
+        elif not x.startswith(("--json=", "--plot=")):
+            kept.append(shlex.quote(x))
+    return " ".join(["python", "benchmarks/swalp_mnist1d.py", *kept])
+
+
+def plot(record: dict[str, Any], path: str) -> None:
+    """Test error against bit width per model: mean ± std over seeds, float as the leftmost point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = record["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    for ax, (kind, m) in zip(axes[0], models.items(), strict=True):
+        res, bits = m["results"], m["bits"]
+        xs = ["float", *[f"{b}-bit" for b in bits]]
+
+        def ms(name: str, res: list[dict[str, float]] = res) -> tuple[float, float]:
+            v = [r[name] for r in res]
+            return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+        series = [("SGD (as trained)", ["float SGD", *[f"{b}-bit SGD" for b in bits]], "o-"),
+                  ("SWA / SWALP, fp32 eval", ["float SWA", *[f"{b}-bit SWALP, fp32 eval" for b in bits]], "s-"),
+                  ("SWALP, b-bit eval", [None, *[f"{b}-bit SWALP, {b}-bit eval" for b in bits]], "^--")]
+        for j, (label, names, fmt) in enumerate(series):
+            pts = [(i + (j - 1) * 0.08, *ms(n)) for i, n in enumerate(names) if n is not None]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=fmt,
+                        capsize=3, ms=5, label=label)
+        ax.set_xticks(range(len(xs)), xs)
+        ax.set_ylabel("test error %  (lower is better)")
+        ax.set_title(f"{kind.upper()} ({m['parameters']:,} parameters), {m['epochs']} epochs", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"SWALP on MNIST-1D: {len(record['seeds'])} seeds, mean ± std; weights, gradients, "
+                 "momentum and activations in b-bit block floating point", fontsize=9)
+    fig.text(0.01, 0.01, f"$ {record['command']}\n{record['machine']}, {record['threads']} thread(s)",
+             fontsize=7, family="monospace")
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
@@ -195,8 +258,21 @@ def main() -> None:
     p.add_argument("--cnn-channels", type=int, default=16)
     p.add_argument("--swa-lr", type=float, default=0.03)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", metavar="PATH", help="write the per-seed results, command and machine")
+    p.add_argument("--plot", metavar="PATH", help="draw the results (PNG; needs matplotlib)")
+    p.add_argument("--from-json", metavar="PATH", help="no training: plot a --json file's results")
     a = p.parse_args()
+    if a.from_json:
+        with open(a.from_json) as f:
+            rec = json.load(f)
+        if a.plot:
+            plot(rec, a.plot)
+        return
     torch.set_num_threads(a.threads)
+    record: dict[str, Any] = {
+        "command": command(sys.argv[1:]), "seeds": list(range(a.seeds)), "threads": a.threads,
+        "machine": f"{os.cpu_count()}-core CPU, {platform.system()} {platform.machine()}, torch {torch.__version__}",
+        "swa_lr": a.swa_lr, "models": {}}
     data = load_data("mnist1d")
     print(f"{data.description}; seeds 0..{a.seeds - 1}, torch {torch.__version__}, {a.threads} thread(s)")
     for kind in a.models:
@@ -207,6 +283,13 @@ def main() -> None:
         print(f"\n{kind} ({n:,} parameters), {epochs} epochs, widths {bits}")
         print("\n".join(table(kind, results, bits)))
         print(f"{kind}: {time.perf_counter() - t0:.0f} s")
+        record["models"][kind] = {"bits": bits, "epochs": epochs, "parameters": n, "results": results,
+                                  "wall_s": time.perf_counter() - t0}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(record, f, indent=1)
+    if a.plot:
+        plot(record, a.plot)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,19 @@ def _stat_layers(model: nn.Module) -> list[Any]:
 
 
 def has_running_stats(model: nn.Module) -> bool:
-    """True if the model has a normalisation layer that keeps running statistics."""
+    """True if the model has a normalisation layer that keeps running statistics.
+
+    Returns:
+        Whether :func:`recompute_bn` has anything to do for ``model`` (BatchNorm, SyncBatchNorm or
+        InstanceNorm with ``track_running_stats``).
+
+    Examples:
+        >>> import torch, weightavg
+        >>> weightavg.has_running_stats(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))
+        True
+        >>> weightavg.has_running_stats(torch.nn.Linear(2, 2))
+        False
+    """
     return bool(_stat_layers(model))
 
 
@@ -114,9 +126,19 @@ def recompute_bn(
         no such layer).
 
     Raises:
-        ConfigError: ``data`` yielded no batch (on every rank, with ``sync_ranks``): the
-            statistics would silently stay those of other weights. The buffers are left as they
-            were.
+        ConfigError: ``model`` is not an ``nn.Module``; ``num_batches`` is not a positive int;
+            ``data`` yielded no batch (on every rank, with ``sync_ranks``): the statistics would
+            silently stay those of other weights. The buffers are left as they were.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> data = [torch.randn(8, 3) for _ in range(3)]
+        >>> weightavg.recompute_bn(model, data)  # samples seen
+        24
+        >>> h = torch.cat([model[0](x) for x in data]).detach()
+        >>> torch.allclose(model[1].running_mean, h.mean(0), atol=1e-6)
+        True
     """
     if not isinstance(model, nn.Module):
         raise bad_arg("model", type(model).__name__, "a torch.nn.Module")

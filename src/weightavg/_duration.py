@@ -73,6 +73,9 @@ class Duration:
             name: the argument's name, used in error messages.
             int_unit: unit of a plain int.
 
+        Returns:
+            A :class:`Duration` (``text`` itself when it is one).
+
         Raises:
             ConfigError: unknown unit, malformed number, negative, non-finite or absurd value
                 (above ``2**63 - 1``), 'dur' above 1, a fractional count of an integer unit.
@@ -111,8 +114,21 @@ class Duration:
                  samples_per_step: int | None = None, tokens_per_step: int | None = None) -> int:
         """This duration in optimizer steps, given what the loop knows.
 
+        Returns:
+            The number of optimizer steps: ``ep`` and ``dur`` rounded to the nearest step, ``sp``
+            and ``tok`` rounded down.
+
         Raises:
             ConfigError: the loop cannot count this unit (e.g. 'dur' without ``total_steps``).
+
+        Examples:
+            >>> from weightavg import Duration
+            >>> Duration.parse("1.5ep").to_steps(steps_per_epoch=100)
+            150
+            >>> Duration.parse("0.75dur").to_steps(total_steps=1000)
+            750
+            >>> Duration.parse("1000sp").to_steps(samples_per_step=64)
+            15
         """
         need = {"ep": ("steps_per_epoch", steps_per_epoch), "dur": ("total_steps", total_steps),
                 "sp": ("samples_per_step", samples_per_step), "tok": ("tokens_per_step", tokens_per_step)}

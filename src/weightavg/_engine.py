@@ -113,6 +113,36 @@ class Averager:
         ...     pass  # evaluate the averaged weights here
         >>> avg.num_updates
         2
+
+        Reading, writing and checkpointing the average:
+
+        >>> sorted(avg.averaged_tensors()), avg.flat_layout()["bias"]
+        (['bias', 'weight'], (3, 4, torch.Size([1])))
+        >>> avg.flat().shape, avg.config()["rules"]["default"]["kind"]
+        (torch.Size([4]), 'ema')
+        >>> exported = avg.export_state_dict()   # loads into the unwrapped model
+        >>> avg.settle(); avg.sync_copies()     # counters and copied tensors up to date now
+        >>> state = avg.state_dict()
+        >>> again = weightavg.Averager(model, rule=weightavg.ema(decay=0.9))
+        >>> again.load_state_dict(state); again.follow(model)  # exact resume
+        >>> torch.equal(again.flat(), avg.flat())
+        True
+        >>> avg.load_from(model, ["bias"])        # overwrite one stored average
+        >>> avg.copy_to(model)                    # the average into the model, permanently
+        >>> avg.refresh()                         # re-read the model's tensors after replacing some
+        >>> for part in avg.summary().split("; "):
+        ...     print(part)
+        weightavg.Averager: 2 tensors (4 elements) averaged in float32 on cpu, 0 copied
+        buffers='average'
+        rules: default=ema(decay=0.9)
+        updates: 2
+        >>> avg.reset(); avg.num_updates
+        0
+
+    Raises:
+        ConfigError: a bad ``rule``, ``params``, ``buffers``, ``nonfinite``, ``check`` or
+            ``dtype``; a model with tensors on the meta device, with no tensor to track, or with
+            two different tensors under one name.
     """
 
     def __init__(
@@ -297,7 +327,7 @@ class Averager:
         self._num_skipped = value
 
     def settle(self) -> None:
-        """Bring the counters up to date and report refused updates now.
+        """Bring the counters up to date and report refused updates now (see the class example).
 
         Only does something with the deferred check (``check="deferred"``, the default on CUDA):
         one device-to-host read of the device counters. Every read of the averager does this first.
@@ -369,6 +399,12 @@ class Averager:
     def averaged_tensors(self, which: str | None = None) -> dict[str, Tensor]:
         """Canonical name -> the stored average (a view, in the averager's dtype and device).
 
+        Returns:
+            A dict of views (DTensors for the sharded tensors of a sharded model).
+
+        Raises:
+            ConfigError: ``which`` is not one of the rules.
+
         Copied tensors (integer buffers, ``buffers="copy"``) are included with their latest value.
         Writing into these views changes the average. For a sharded model the averages of its
         DTensors are DTensors with the same mesh, placements and global shape, whose local tensor is
@@ -388,6 +424,9 @@ class Averager:
 
     def flat_layout(self) -> dict[str, tuple[int, int, torch.Size]]:
         """Where each averaged tensor sits in :meth:`flat`'s vector: name -> (start, stop, shape).
+
+        Returns:
+            A dict in storage order.
 
         Only averaged (floating-point) tensors take part, in storage order; copied tensors
         (integer buffers, ``buffers="copy"``) do not.
@@ -415,6 +454,11 @@ class Averager:
 
         Returns:
             A new tensor (never a view of the averages): writing to it changes nothing.
+
+        Raises:
+            StateError: no averaged tensor, no update yet, or inside :meth:`swapped_in`.
+            ConfigError: ``which`` given with ``model``, or not one of the rules.
+            MismatchError: ``model`` does not pair with the tracked tensors.
         """
         groups = [(gi, g) for gi, g in enumerate(self._groups) if g.averaged]
         if not groups:
@@ -462,6 +506,13 @@ class Averager:
             rank0_only: with torch.distributed initialised, keep the tensors on rank 0 only (the
                 other ranks take part in the gathers and return ``{}``).
             cpu: move the exported tensors to the host.
+
+        Returns:
+            Name -> fresh tensor (``{}`` on ranks other than 0 with ``rank0_only``).
+
+        Raises:
+            StateError: no update yet.
+            ConfigError: ``model`` is not an ``nn.Module``, or ``which`` not one of the rules.
         """
         self._require_update()
         keep = True
@@ -506,7 +557,12 @@ class Averager:
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module, *, which: str | None = None) -> None:
-        """Write the averages into the model's tensors, in place (permanently)."""
+        """Write the averages into the model's tensors, in place (permanently).
+
+        Raises:
+            StateError: no update yet, or inside :meth:`swapped_in`.
+            MismatchError: the model does not pair with the tracked tensors.
+        """
         self._require_update()
         tensors = self._paired(model)
         for name, avg in self._local_averages(which).items():
@@ -533,6 +589,13 @@ class Averager:
         parameters averaged in another dtype) are backed up in the model's dtype. The block must
         not write to parameters (a warning says so: their average would take the written value),
         nor call :meth:`update` (a :class:`StateError`).
+
+        Yields:
+            ``model`` itself, holding the averages for the block.
+
+        Raises:
+            StateError: no update yet, or already inside a swap.
+            MismatchError: the model does not pair with the tracked tensors.
         """
         self._require_update()
         slot = self._slot(which)
@@ -558,6 +621,11 @@ class Averager:
             model: the source module.
             names: canonical names to take (default: every tracked buffer).
             which: the rule whose average is written (copied tensors are shared by all rules).
+
+        Raises:
+            StateError: no update yet.
+            ConfigError: a name that is not tracked, or ``which`` not one of the rules.
+            MismatchError: the model does not pair with the tracked tensors.
         """
         self._require_update()
         tensors = self._paired(model)
@@ -584,6 +652,22 @@ class Averager:
 
         Raises:
             StateError: torch.distributed is not initialised, or no update happened yet.
+            ConfigError: a sharded averager (its ranks hold different shards).
+
+        Examples:
+            A job of one process (gloo) shows the call; every rank of a real job runs it.
+
+            >>> import os, tempfile, torch, weightavg
+            >>> import torch.distributed as dist
+            >>> store = os.path.join(tempfile.mkdtemp(), "store")
+            >>> dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+            >>> avg = weightavg.Averager(torch.nn.Linear(2, 1))
+            >>> try:
+            ...     _ = avg.update(torch.nn.Linear(2, 1)); avg.all_reduce()
+            ... finally:
+            ...     dist.destroy_process_group()
+            >>> avg.num_updates
+            1
         """
         import torch.distributed as dist
 
@@ -606,7 +690,12 @@ class Averager:
     # ------------------------------------------------------------------ checkpointing
 
     def config(self) -> dict[str, Any]:
-        """Plain-data description of the configuration (saved in checkpoints)."""
+        """Plain-data description of the configuration (saved in checkpoints).
+
+        Returns:
+            A JSON-able dict (rules, selection, dtype, device, ``nonfinite``...); a resumed state
+            must match it.
+        """
         return {
             "rules": {s: r.config() for s, r in self.rules.items()},
             "params": self.params,
@@ -625,6 +714,9 @@ class Averager:
         ``torch.distributed.checkpoint.load`` can load into a fresh averager's state. For a sharded
         model the averages of sharded tensors are DTensors (see :meth:`averaged_tensors`): DCP writes
         each shard once and reshards on load; the structure is the same as without sharding.
+
+        Returns:
+            A dict of plain data and tensors (``torch.load(..., weights_only=True)`` reads it back).
         """
         state = {
             "format": "weightavg.Averager",
@@ -707,7 +799,12 @@ class Averager:
         return list(self._entries)
 
     def summary(self) -> str:
-        """One line describing what is tracked, to log."""
+        """One line describing what is tracked, to log.
+
+        Returns:
+            ``"weightavg.Averager: ..."``: tracked and copied tensors, elements, dtype, device,
+            buffer policy, rules and the number of updates.
+        """
         avg = [e for g in self._groups if g.averaged for e in g.entries]
         cp = [e for g in self._groups if not g.averaged for e in g.entries]
         dtypes = sorted({str(g.dtype).replace("torch.", "") for g in self._groups if g.averaged})

@@ -12,23 +12,83 @@ __all__ = [
 
 
 class WeightAvgError(Exception):
-    """Base class of every error weightavg raises on purpose."""
+    """Base class of every error weightavg raises on purpose.
+
+    Examples:
+        >>> import weightavg
+        >>> try:
+        ...     weightavg.ema(decay=1.5)
+        ... except weightavg.WeightAvgError as e:
+        ...     print(type(e).__name__)
+        ConfigError
+    """
 
 
 class ConfigError(WeightAvgError, ValueError):
-    """An argument has a value the function cannot accept."""
+    """An argument has a value the function cannot accept.
+
+    Also a :class:`ValueError`. The message names the argument, what came and what was expected.
+
+    Examples:
+        >>> import weightavg
+        >>> try:
+        ...     weightavg.mean(power=3)
+        ... except ValueError as e:
+        ...     print(e)
+        power=3 is invalid: expected 1 (values) or 2 (squares).
+    """
 
 
 class MismatchError(WeightAvgError, ValueError):
-    """Two sets of named tensors do not pair up (missing, unexpected or reshaped names)."""
+    """Two sets of named tensors do not pair up (missing, unexpected or reshaped names).
+
+    Also a :class:`ValueError`; the message lists the names that differ.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> avg = weightavg.Averager(torch.nn.Linear(2, 1))
+        >>> try:
+        ...     avg.update(torch.nn.Linear(3, 1))
+        ... except weightavg.MismatchError:
+        ...     print("refused")
+        refused
+    """
 
 
 class NonFiniteError(WeightAvgError, FloatingPointError):
-    """An update was refused because its source holds NaN or Inf."""
+    """An update was refused because its source holds NaN or Inf.
+
+    Also a :class:`FloatingPointError`. Raised under ``nonfinite="raise"`` (the default);
+    ``"skip"`` refuses and counts the update instead.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> m = torch.nn.Linear(2, 1)
+        >>> avg = weightavg.Averager(m)
+        >>> with torch.no_grad():
+        ...     _ = m.weight.fill_(float("nan"))
+        >>> try:
+        ...     avg.update(m)
+        ... except weightavg.NonFiniteError:
+        ...     print("refused")
+        refused
+    """
 
 
 class StateError(WeightAvgError, RuntimeError):
-    """An operation was called in a state that does not allow it (e.g. before any update)."""
+    """An operation was called in a state that does not allow it (e.g. before any update).
+
+    Also a :class:`RuntimeError`.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> avg = weightavg.Averager(torch.nn.Linear(2, 1))
+        >>> try:
+        ...     avg.copy_to(torch.nn.Linear(2, 1))  # before any update: no average yet
+        ... except weightavg.StateError:
+        ...     print("not yet")
+        not yet
+    """
 
 
 def bad_arg(name: str, value: object, expected: str) -> ConfigError:

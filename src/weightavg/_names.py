@@ -33,7 +33,17 @@ def _wrapped(model: nn.Module) -> nn.Module | None:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DistributedDataParallel / DataParallel / torch.compile wrappers (any nesting)."""
+    """Strip DistributedDataParallel / DataParallel / torch.compile wrappers (any nesting).
+
+    Returns:
+        The innermost wrapped module (``model`` itself when it wraps nothing).
+
+    Examples:
+        >>> import torch, weightavg
+        >>> inner = torch.nn.Linear(2, 1)
+        >>> weightavg.unwrap_model(torch.nn.DataParallel(inner)) is inner
+        True
+    """
     while (inner := _wrapped(model)) is not None:
         model = inner
     return model
@@ -45,6 +55,14 @@ def canonical_name(name: str) -> str:
 
     A key carries no type, so this guesses the wrappers' prefixes; names read from a module
     (:func:`named_tensors`) skip only the components that real wrappers add.
+
+    Returns:
+        The key without wrapper components.
+
+    Examples:
+        >>> import weightavg
+        >>> weightavg.canonical_name("module._orig_mod.encoder.weight")
+        'encoder.weight'
     """
     parts = [p for p in name.split(".") if p != "_orig_mod"]
     while len(parts) > 1 and parts[0] == "module":
@@ -120,8 +138,19 @@ def named_tensors(model: nn.Module) -> dict[str, tuple[Tensor, bool]]:
     recognised by type, add no component). Shared (tied) tensors appear once, under their first
     name (see :func:`tied_names` for the others).
 
+    Returns:
+        A dict in ``state_dict`` order: canonical name -> (tensor, True for a parameter).
+
     Raises:
         ConfigError: two different tensors have one name.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        >>> [(k, is_param) for k, (t, is_param) in weightavg.named_tensors(m).items() if k.startswith("1.")]
+        ... # doctest: +NORMALIZE_WHITESPACE
+        [('1.weight', True), ('1.bias', True), ('1.running_mean', False), ('1.running_var', False),
+         ('1.num_batches_tracked', False)]
     """
     out: dict[str, tuple[Tensor, bool]] = {}
     seen: set[int] = set()

@@ -153,6 +153,46 @@ class AveragingPolicy:
             keeps its last finite value, a warning counts the skipped updates; training never
             dies because of its average), ``"raise"`` (:class:`~weightavg.NonFiniteError`) or
             ``"allow"``-ed (no check). :class:`~weightavg.Averager` itself defaults to ``"raise"``.
+
+    Raises:
+        ConfigError: a malformed time (``start``, ``end``, ``update_interval``), a window that
+            ends before it starts, a non-positive or ``'dur'`` ``update_interval``, or a bad
+            ``eval_with``, ``final``, ``recompute_bn``, ``bn_batches`` or averager option.
+
+    Examples:
+        The life of a policy in a plain loop (an :class:`EMA` here; :class:`SWA`,
+        :class:`~weightavg.WindowAverage` and :class:`~weightavg.PostHocEMA` work the same way):
+
+        >>> import torch, weightavg
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> ema = weightavg.EMA(smoothing=0.5, update_interval="1ba")
+        >>> ema.begin(model, opt)             # hooks the optimizer: every step counts
+        >>> for epoch in range(2):
+        ...     for _ in range(3):
+        ...         model(torch.randn(4, 2)).sum().backward(); opt.step(); opt.zero_grad()
+        ...     ema.on_epoch_end()
+        >>> ema.num_updates, ema.should_update(step_idx=6)
+        (6, True)
+        >>> with ema.averaged() as m:         # evaluate the average; training weights come back
+        ...     _ = m(torch.randn(1, 2))
+        >>> weights = ema.export_state_dict()  # the average as the model's state dict
+        >>> state = ema.state_dict()           # checkpoint it next to the model and optimizer
+        >>> resumed = weightavg.EMA(smoothing=0.5, update_interval="1ba")
+        >>> resumed.load_state_dict(state)     # before begin(): applied by begin()
+        >>> ema.end()                          # final="averaged": the model now holds the EMA
+        >>> torch.equal(model.weight, weights["weight"])
+        True
+        >>> resumed.begin(model, opt); resumed.num_updates
+        6
+        >>> resumed.detach()                   # unhook without touching the model
+
+        Without optimizers, count the steps yourself:
+
+        >>> manual = weightavg.EMA(smoothing=0.5, update_interval="1ba")
+        >>> manual.begin(torch.nn.Linear(2, 1))
+        >>> manual.on_step(); manual.num_updates
+        1
     """
 
     _kind = "policy"
@@ -517,7 +557,12 @@ class AveragingPolicy:
             self._step_event()
 
     def on_step(self) -> None:
-        """Count one optimizer step by hand (only for a policy begun without optimizers)."""
+        """Count one optimizer step by hand (only for a policy begun without optimizers).
+
+        Raises:
+            StateError: before :meth:`begin`, after :meth:`end`, or for a policy that counts its
+                optimizers' steps through hooks.
+        """
         self._require_running("on_step()")
         if self._optimizers:
             raise StateError("on_step() is for policies begun without optimizers: this one counts "
@@ -553,6 +598,9 @@ class AveragingPolicy:
         Exactly one argument is given (0-based index of the step or epoch that just ended).
         Override to take control; the default averages inside the window, every
         ``update_interval`` counted from the window's opening.
+
+        Returns:
+            True to update now; always False before the window opens.
         """
         if self._anchor is None:
             return False
@@ -697,6 +745,12 @@ class AveragingPolicy:
                 no collective runs; the statistics kept from the last collective call are used
                 if no update happened since, otherwise this rank's own (recomputed from its
                 ``bn_data`` only, or its local averages).
+
+        Yields:
+            The model itself, holding the averaged weights for the block.
+
+        Raises:
+            StateError: before :meth:`begin`.
         """
         self._require_begun()
         assert self.model is not None
@@ -741,6 +795,12 @@ class AveragingPolicy:
 
         Nothing in the policy or the model changes. Before any update: the model's own weights.
         ``collective``: as for :meth:`averaged` (pass ``False`` on a path not every rank takes).
+
+        Returns:
+            Name -> tensor (fresh copies), the keys of ``model.state_dict()``.
+
+        Raises:
+            StateError: before :meth:`begin`.
         """
         self._require_begun()
         assert self.model is not None
@@ -753,6 +813,10 @@ class AveragingPolicy:
         """Counters, window, learning-rate anchor and the averager's state.
 
         Tensors are views of the live averages (``torch.save`` them; clone to keep in memory).
+
+        Returns:
+            A dict of plain data and tensors (``torch.load(..., weights_only=True)`` reads it
+            back); before :meth:`begin`, a state given to :meth:`load_state_dict` as it was given.
         """
         pending = self._pending
         if self.averager is None and pending is not None:
@@ -771,7 +835,12 @@ class AveragingPolicy:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; before :meth:`begin` it is kept and applied by ``begin``."""
+        """Restore :meth:`state_dict`; before :meth:`begin` it is kept and applied by ``begin``.
+
+        Raises:
+            StateError: not a policy state, a newer format, or another kind of policy's state.
+            MismatchError: the saved averages do not pair with the model's tensors (when applied).
+        """
         if not isinstance(state, Mapping) or state.get("format") != FORMAT:
             raise StateError("state is not a weightavg policy state_dict (missing 'format' key)")
         version = state.get("format_version")
@@ -875,6 +944,12 @@ class SWA(AveragingPolicy):
             (``torch.optim.swa_utils`` convention), instead of the equal mean.
         **kwargs: see :class:`AveragingPolicy` (``eval_with``, ``final``, ``recompute_bn``,
             ``bn_batches``, averager options...).
+
+    Raises:
+        ConfigError: bad times, ``swa_lr``/``cycle_max_lr`` values, ``anneal_strategy``, a
+            ``cycle`` that is not a positive 'ba'/'ep' duration or comes without ``swa_lr``,
+            ``cycle_max_lr`` without ``cycle``, an ``avg_fn`` that is not callable, or any
+            :class:`AveragingPolicy` argument.
 
     Examples:
         >>> import torch, weightavg
@@ -985,6 +1060,10 @@ class EMA(AveragingPolicy):
         recompute_bn: default ``False``: BatchNorm statistics are averaged along with the weights
             (``buffers='average'``); ``True`` recomputes them like :class:`SWA`.
         **kwargs: see :class:`AveragingPolicy`.
+
+    Raises:
+        ConfigError: both ``half_life`` and ``smoothing``, a value out of range, a bad
+            ``warmup``/``warmup_power``, or any :class:`AveragingPolicy` argument.
 
     Examples:
         >>> import torch, weightavg

@@ -42,6 +42,12 @@ class UpdateInfo:
         num_averaged: snapshots already in the average (0 on the first update).
         step: the training step of this update (1-based, counted in optimizer steps or calls).
         steps_since_last: steps since the previous applied update (``step`` on the first).
+
+    Examples:
+        >>> import weightavg
+        >>> info = weightavg.UpdateInfo(num_averaged=3, step=40, steps_since_last=10)
+        >>> weightavg.mean().weight(info)  # the 4th snapshot weighs 1/4
+        0.25
     """
 
     num_averaged: int
@@ -51,7 +57,21 @@ class UpdateInfo:
 
 @runtime_checkable
 class Rule(Protocol):
-    """Protocol of an averaging rule."""
+    """Protocol of an averaging rule: what :class:`Averager` asks of ``rule=``.
+
+    The factories :func:`mean`, :func:`ema`, :func:`ema_warmup`, :func:`karras_ema`, :func:`custom`
+    and :func:`inplace` build rules; any object with ``power``, ``weight`` and ``config`` is one.
+
+    Examples:
+        >>> import weightavg
+        >>> rule = weightavg.ema(decay=0.9)
+        >>> isinstance(rule, weightavg.Rule)
+        True
+        >>> rule.weight(weightavg.UpdateInfo(num_averaged=5, step=6, steps_since_last=1))
+        0.1
+        >>> rule.config()["kind"]
+        'ema'
+    """
 
     @property
     def power(self) -> int:
@@ -59,11 +79,19 @@ class Rule(Protocol):
         ...
 
     def weight(self, info: UpdateInfo) -> float:
-        """Weight of the new value in ``avg.lerp_(new, weight)``; NaN means "in place" (see ``apply``)."""
+        """Weight of the new value in ``avg.lerp_(new, weight)``; NaN means "in place" (see ``apply``).
+
+        Returns:
+            A float in [0, 1] (1 on the first update: a copy), or NaN for an in-place rule.
+        """
         ...
 
     def config(self) -> dict[str, Any]:
-        """Plain-data description saved in checkpoints and compared on resume."""
+        """Plain-data description saved in checkpoints and compared on resume.
+
+        Returns:
+            A JSON-able dict with at least ``"kind"`` (e.g. ``{"kind": "mean", "power": 1}``).
+        """
         ...
 
 
@@ -96,6 +124,12 @@ def mean(*, power: int = 1) -> Rule:
 
     Args:
         power: 1 averages the weights; 2 averages their squares (SWAG's second moment).
+
+    Returns:
+        The equal-average :class:`Rule`.
+
+    Raises:
+        ConfigError: ``power`` is not 1 or 2.
 
     Examples:
         >>> import torch, weightavg
@@ -171,8 +205,20 @@ def ema(
         half_life: half-life in steps (> 0).
         power: 1 averages values, 2 their squares.
 
+    Returns:
+        The EMA :class:`Rule`.
+
     Raises:
         ConfigError: none or several of decay/smoothing/half_life, or a value out of range.
+
+    Examples:
+        >>> import weightavg
+        >>> weightavg.ema(decay=0.999)
+        ema(decay=0.999)
+        >>> rule = weightavg.ema(half_life=100)  # the same time scale however often you update
+        >>> info = weightavg.UpdateInfo(num_averaged=1, step=200, steps_since_last=100)
+        >>> rule.weight(info)  # 1 - 2**(-100/100)
+        0.5
     """
     given = [n for n, v in (("decay", decay), ("smoothing", smoothing), ("half_life", half_life)) if v is not None]
     if len(given) != 1:
@@ -238,6 +284,25 @@ def ema_warmup(
         ``s = max(0, step − start_step − 1)``; the decay is clamped to ``[min_decay, max_decay]``.
         ``power=2/3`` suits runs of ~1M steps, ``power=3/4`` shorter runs. Early on the decay is
         small, so the random initial weights are forgotten quickly.
+
+    Args:
+        inv_gamma: time scale of the warm-up, in steps (> 0).
+        power: exponent of the warm-up (> 0).
+        max_decay: the decay's ceiling, in [0, 1).
+        min_decay: the decay's floor, in [0, max_decay].
+        start_step: steps before the warm-up starts (≥ 0).
+
+    Returns:
+        The warmed-up EMA :class:`Rule`.
+
+    Raises:
+        ConfigError: a value out of the ranges above.
+
+    Examples:
+        >>> import weightavg
+        >>> rule = weightavg.ema_warmup(power=3 / 4)
+        >>> round(rule.current_decay(10), 4)  # 1 - (1 + 9)**(-3/4)
+        0.8222
     """
     if not (isinstance(inv_gamma, (int, float)) and inv_gamma > 0):
         raise bad_arg("inv_gamma", inv_gamma, "a positive number")
@@ -331,6 +396,17 @@ def karras_ema(*, gamma: float | None = None, sigma_rel: float | None = None) ->
         ConfigError: neither or both of ``gamma``/``sigma_rel``; ``gamma`` not a finite number > −1
             (at γ = −1 every β is 1 and the average never moves past its first snapshot);
             ``sigma_rel`` out of range.
+
+    Returns:
+        The power-function EMA :class:`Rule`.
+
+    Examples:
+        >>> import weightavg
+        >>> rule = weightavg.karras_ema(gamma=0.0)  # the equal mean
+        >>> rule.weight(weightavg.UpdateInfo(num_averaged=3, step=4, steps_since_last=1))
+        0.25
+        >>> round(weightavg.karras_ema(sigma_rel=0.05).config()["gamma"], 2)
+        16.97
     """
     if (gamma is None) == (sigma_rel is None):
         raise bad_arg("gamma/sigma_rel", (gamma, sigma_rel), "exactly one of them")
@@ -369,6 +445,22 @@ def custom(weight_fn: Callable[[int], float], *, name: str | None = None) -> Rul
     """A rule given by the weight of the new value as a function of the number already averaged.
 
     ``avg ← avg + weight_fn(n) · (θ − avg)``; ``weight_fn(n) = 1/(n+1)`` is the equal mean.
+
+    Returns:
+        The :class:`Rule`; its ``weight`` raises :class:`ConfigError` when ``weight_fn`` returns a
+        value outside [0, 1].
+
+    Raises:
+        ConfigError: ``weight_fn`` is not callable.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> def harmonic(n: int) -> float:
+        ...     return 1 / (n + 1)
+        >>> m = torch.nn.Linear(2, 1)
+        >>> avg = weightavg.Averager(m, rule=weightavg.custom(harmonic))
+        >>> avg.update(m)
+        True
     """
     if not callable(weight_fn):
         raise bad_arg("weight_fn", weight_fn, "a callable num_averaged -> weight in [0, 1]")
@@ -399,6 +491,21 @@ def inplace(fn: InplaceFn, *, name: str | None = None) -> Rule:
 
     ``averaged`` are the stored averages (float32 by default), ``new`` the model's tensors (their
     own dtype), in the same order. The first update copies without calling ``fn``.
+
+    Returns:
+        The in-place :class:`Rule`.
+
+    Raises:
+        ConfigError: ``fn`` is not callable.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> def halfway(avg: list, new: list, n: int) -> None:
+        ...     torch._foreach_lerp_(avg, [t.float() for t in new], 0.5)
+        >>> m = torch.nn.Linear(2, 1)
+        >>> avg = weightavg.Averager(m, rule=weightavg.inplace(halfway))
+        >>> avg.update(m), avg.update(m)
+        (True, True)
     """
     if not callable(fn):
         raise bad_arg("fn", fn, "a callable (averaged: list[Tensor], new: list[Tensor], n: int) -> None")

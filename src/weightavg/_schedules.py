@@ -217,6 +217,9 @@ class SWAAnnealLR(_PhaseLR):
         start: scheduler steps before the phase begins.
         last_epoch: as in every torch scheduler (-1 to start fresh).
 
+    Raises:
+        ConfigError: a bad ``swa_lr`` (per group), ``anneal_steps``, ``anneal_strategy`` or ``start``.
+
     Examples:
         >>> import torch
         >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
@@ -265,6 +268,10 @@ class SWACyclicLR(_PhaseLR):
     .. note::
         ``t = ((i mod c) + 1) / c``, ``lr = max_lr + (min_lr − max_lr) · f(t)`` at phase index
         ``i``, cycle length ``c`` and anneal function ``f`` (``"linear"`` as in the SWA paper).
+
+    Raises:
+        ConfigError: a bad ``min_lr``/``max_lr`` (per group), ``cycle_steps``, ``strategy``
+            or ``start``.
 
     Examples:
         >>> import torch

@@ -278,8 +278,15 @@ def make_contiguous(model: nn.Module, *, buffers: bool = True) -> nn.Module:
         The model.
 
     Raises:
-        ConfigError: a parameter is a DTensor (a sharded model: its storage belongs to FSDP2 /
-            the tensor-parallel plan).
+        ConfigError: ``model`` is not an ``nn.Module``; a parameter is a DTensor (a sharded
+            model: its storage belongs to FSDP2 / the tensor-parallel plan).
+
+    Examples:
+        >>> import torch, weightavg
+        >>> m = weightavg.make_contiguous(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)))
+        >>> w0, b1 = m[0].weight, m[1].bias
+        >>> w0.untyped_storage().data_ptr() == b1.untyped_storage().data_ptr()  # one buffer
+        True
     """
     if not isinstance(model, nn.Module):
         raise bad_arg("model", type(model).__name__, "a torch.nn.Module")

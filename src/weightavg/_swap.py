@@ -123,7 +123,24 @@ def swap_average(
     Raises:
         StateError: torch.distributed is not initialised.
         MismatchError: the ranks hold different models (raised on every rank, before averaging).
-        ConfigError: ``bn_data`` given on some ranks only (raised on every rank, before averaging).
+        ConfigError: ``model`` is not an ``nn.Module``; ``bn_data`` given on some ranks only
+            (raised on every rank, before averaging).
+
+    Examples:
+        A job of one process (gloo) shows the call; in a real job every rank runs the same lines.
+
+        >>> import os, tempfile, torch
+        >>> import torch.distributed as dist
+        >>> from weightavg.lowp import swap_average
+        >>> store = os.path.join(tempfile.mkdtemp(), "store")
+        >>> dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        >>> try:
+        ...     model = torch.nn.Linear(2, 1)
+        ...     avg = swap_average(model)
+        ... finally:
+        ...     dist.destroy_process_group()
+        >>> avg.num_updates, torch.equal(model.weight, avg.averaged_tensors()["weight"])
+        (1, True)
     """
     import torch.distributed as dist
 

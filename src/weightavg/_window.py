@@ -126,7 +126,28 @@ class WindowAverage(AveragingPolicy):
             ``recompute_bn`` (default True, as SWA), averager options).
 
     Raises:
-        ConfigError: bad ``k``, ``every``, ``weights``, ``offload`` or ``directory``.
+        ConfigError: bad ``k``, ``every``, ``weights``, ``offload``, ``directory`` or
+            ``snapshot_dtype``.
+
+    Examples:
+        The uniform average of the last 2 of 3 snapshots, one per optimizer step:
+
+        >>> import torch, weightavg
+        >>> model = torch.nn.Linear(1, 1, bias=False)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        >>> win = weightavg.WindowAverage(k=2, every="1ba", final="training")
+        >>> win.begin(model, opt)
+        >>> seen = []
+        >>> for _ in range(3):
+        ...     model(torch.ones(1, 1)).sum().backward(); opt.step(); opt.zero_grad()
+        ...     seen.append(model.weight.item())
+        >>> with win.averaged() as m:
+        ...     abs(m.weight.item() - (seen[1] + seen[2]) / 2) < 1e-6
+        True
+        >>> state = win.state_dict()  # the ring and counters, for a checkpoint
+        >>> win.window_size, win.num_updates
+        (2, 3)
+        >>> win.end()
     """
 
     _kind = "window"
@@ -184,7 +205,12 @@ class WindowAverage(AveragingPolicy):
     # ------------------------------------------------------------------ begin
 
     def begin(self, model: nn.Module, optimizers: Any = None, **kwargs: Any) -> None:
-        """Start; see :meth:`weightavg.AveragingPolicy.begin`."""
+        """Start; see :meth:`weightavg.AveragingPolicy.begin`.
+
+        Raises:
+            ConfigError: a sharded (DTensor) model, ``safetensors`` missing for
+                ``offload='disk'``, or what :meth:`weightavg.AveragingPolicy.begin` raises.
+        """
         self._ring, self._free, self._stage, self._sum = [], [], None, None
         self._pushes, self._dirty = 0, True
         from .posthoc import _is_sharded
@@ -357,6 +383,12 @@ class WindowAverage(AveragingPolicy):
         """The model with the window average in it (BatchNorm statistics fresh), restored on exit.
 
         ``collective``: as for :meth:`AveragingPolicy.averaged`.
+
+        Yields:
+            The model, holding the window average (its own weights before the first snapshot).
+
+        Raises:
+            StateError: the policy was not begun.
         """
         self._require_begun()
         self._materialise()
@@ -365,7 +397,11 @@ class WindowAverage(AveragingPolicy):
 
     @torch.no_grad()
     def end(self) -> None:
-        """End of training: form the average, refresh BatchNorm statistics, apply ``final``."""
+        """End of training: form the average, refresh BatchNorm statistics, apply ``final``.
+
+        Raises:
+            StateError: the policy was not begun.
+        """
         self._require_begun()
         self._materialise()
         super().end()
@@ -373,7 +409,11 @@ class WindowAverage(AveragingPolicy):
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, the ring (host snapshots or disk file entries) and the running sum."""
+        """Counters, the ring (host snapshots or disk file entries) and the running sum.
+
+        Returns:
+            A dict for ``torch.save`` (``weights_only`` loadable); ``load_state_dict`` restores it.
+        """
         state = super().state_dict()
         if self.averager is None:
             return state

@@ -107,6 +107,20 @@ class WeightAveraging(Callback):
 
     To choose when to update, override ``should_update(step_idx=None, epoch_idx=None)`` here
     (Lightning's convention) or on the policy.
+
+    Raises:
+        ConfigError: ``policy`` is not a weightavg policy, or ``target`` not a dotted name.
+
+    Examples:
+        Building the callback runs here; the ``fit`` line is not run in the doctests because it
+        needs a LightningModule and a dataloader (the Lightning guide runs a whole example).
+
+        >>> import weightavg
+        >>> from weightavg.lightning import WeightAveraging
+        >>> cb = WeightAveraging(weightavg.EMA(half_life="50ba"), target="student")
+        >>> cb.should_update(step_idx=0)  # before fit: the window has not opened
+        False
+        >>> trainer = lightning.Trainer(callbacks=[cb]); trainer.fit(module, loader)  # doctest: +SKIP
     """
 
     def __init__(
@@ -160,7 +174,11 @@ class WeightAveraging(Callback):
     # ------------------------------------------------------------------ policy hook
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
-        """Whether to update after step ``step_idx`` / epoch ``epoch_idx`` (default: the policy's)."""
+        """Whether to update after step ``step_idx`` / epoch ``epoch_idx`` (default: the policy's).
+
+        Returns:
+            True to update now (see :meth:`weightavg.AveragingPolicy.should_update`).
+        """
         return type(self.policy).should_update(self.policy, step_idx=step_idx, epoch_idx=epoch_idx)
 
     @property
@@ -509,6 +527,18 @@ class StochasticWeightAveraging(SWA):
         avg_fn: ``avg_fn(averaged, new, num_averaged) -> Tensor`` per tensor (default: equal mean).
         device: where the average lives (default: with the module).
         **kwargs: more :class:`weightavg.SWA` options (``eval_with``, ``bn_batches``, ``target``...).
+
+    Raises:
+        ConfigError: a bad ``swa_epoch_start`` or ``annealing_epochs``, or any :class:`weightavg.SWA`
+            option.
+
+    Examples:
+        The callback is built here; training with it needs a LightningModule, so that line is
+        not run in the doctests.
+
+        >>> from weightavg.lightning import StochasticWeightAveraging
+        >>> cb = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=0.75)
+        >>> trainer = lightning.Trainer(max_epochs=20, callbacks=[cb])  # doctest: +SKIP
     """
 
     def __init__(

@@ -87,6 +87,16 @@ def quantize(
 
     Raises:
         ConfigError: ``bits``, ``block`` or ``rounding`` out of range, or ``x`` not floating point.
+
+    Examples:
+        >>> import torch
+        >>> from weightavg.lowp import quantize
+        >>> x = torch.tensor([0.3, -1.7, 0.01])
+        >>> quantize(x, bits=4, rounding="nearest")  # m = 1.7: e = 0, step 2**(0 - 4 + 2) = 0.25
+        tensor([ 0.2500, -1.7500,  0.0000])
+        >>> torch.equal(quantize(quantize(x, 4, rounding="nearest"), 4, rounding="nearest"),
+        ...             quantize(x, 4, rounding="nearest"))
+        True
     """
     _check(bits, block, rounding)
     if not x.is_floating_point():
@@ -168,6 +178,10 @@ class LowPrecision:
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         >>> lp = LowPrecision(opt, bits=8, block="row", modules=list(model))  # SWALP's 8-bit run
         >>> swa = weightavg.Averager(model)          # float32 average of 8-bit iterates
+        >>> for _ in range(3):
+        ...     model(torch.randn(5, 4)).sum().backward(); opt.step(); opt.zero_grad()
+        ...     _ = swa.update(model)
+        >>> lp.remove()                               # back to full precision
     """
 
     def __init__(
@@ -264,7 +278,7 @@ class LowPrecision:
         return out
 
     def remove(self) -> None:
-        """Stop quantizing (removes every optimizer and module hook)."""
+        """Stop quantizing (removes every optimizer and module hook); calling it again does nothing."""
         for h in self._handles:
             h.remove()
         self._handles = []

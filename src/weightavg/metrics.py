@@ -56,19 +56,65 @@ def _check(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def accuracy(probs: Tensor, labels: Tensor) -> float:
-    """Fraction of rows whose arg-max is the label."""
+    """Fraction of rows whose arg-max is the label.
+
+    Returns:
+        The accuracy, a float in [0, 1].
+
+    Raises:
+        ConfigError: bad ``probs``/``labels``: not (N, C) and (N,), no rows, labels not integer
+            class indices, entries outside [0, 1] or not finite, or rows not summing to 1.
+
+    Examples:
+        >>> import torch
+        >>> from weightavg.metrics import accuracy
+        >>> accuracy(torch.tensor([[0.9, 0.1], [0.4, 0.6]]), torch.tensor([0, 0]))
+        0.5
+    """
     p, y = _check(probs, labels)
     return float((p.argmax(1) == y).double().mean())
 
 
 def nll(probs: Tensor, labels: Tensor, *, eps: float = 1e-12) -> float:
-    """Mean negative log-likelihood of the labels (a mean over rows, not a sum)."""
+    """Mean negative log-likelihood of the labels (a mean over rows, not a sum).
+
+    Probabilities below ``eps`` count as ``eps`` (a wrong, certain prediction costs ``-log(eps)``,
+    not infinity).
+
+    Returns:
+        The mean NLL in nats, a float ≥ 0.
+
+    Raises:
+        ConfigError: bad ``probs``/``labels``: not (N, C) and (N,), no rows, labels not integer
+            class indices, entries outside [0, 1] or not finite, or rows not summing to 1.
+
+    Examples:
+        >>> import math, torch
+        >>> from weightavg.metrics import nll
+        >>> math.isclose(nll(torch.tensor([[0.5, 0.5], [0.25, 0.75]]), torch.tensor([0, 1])),
+        ...              -(math.log(0.5) + math.log(0.75)) / 2)
+        True
+    """
     p, y = _check(probs, labels)
     return float(-(p.gather(1, y[:, None]).squeeze(1).clamp_min(eps)).log().mean())
 
 
 def brier(probs: Tensor, labels: Tensor) -> float:
-    """Mean over rows of the squared distance between the probabilities and the one-hot label."""
+    """Mean over rows of the squared distance between the probabilities and the one-hot label.
+
+    Returns:
+        The Brier score, a float in [0, 2].
+
+    Raises:
+        ConfigError: bad ``probs``/``labels``: not (N, C) and (N,), no rows, labels not integer
+            class indices, entries outside [0, 1] or not finite, or rows not summing to 1.
+
+    Examples:
+        >>> import torch
+        >>> from weightavg.metrics import brier
+        >>> brier(torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([0, 0]))  # (0 + 0.5) / 2
+        0.25
+    """
     p, y = _check(probs, labels)
     onehot = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
     return float(((p - onehot) ** 2).sum(1).mean())
@@ -76,7 +122,19 @@ def brier(probs: Tensor, labels: Tensor) -> float:
 
 @dataclass(frozen=True)
 class Reliability:
-    """The numbers behind a reliability diagram (bins with no sample have count 0)."""
+    """The numbers behind a reliability diagram (bins with no sample have count 0).
+
+    Built by :func:`reliability`; its ``ece`` property is :func:`ece`.
+
+    Examples:
+        >>> import torch
+        >>> from weightavg.metrics import reliability
+        >>> r = reliability(torch.tensor([[0.9, 0.1], [0.3, 0.7]]), torch.tensor([0, 0]), num_bins=2)
+        >>> r.count.tolist(), r.accuracy.tolist()
+        ([0.0, 2.0], [0.0, 0.5])
+        >>> round(r.ece, 4)  # |0.5 - 0.8|
+        0.3
+    """
 
     edges: Tensor  # (B+1,) bin edges on confidence
     confidence: Tensor  # (B,) mean confidence per bin
@@ -109,6 +167,14 @@ def reliability(
 
     Raises:
         ConfigError: bad ``num_bins``/``binning``, or bad ``probs``/``labels`` (see the module).
+
+    Examples:
+        >>> import torch
+        >>> from weightavg.metrics import reliability
+        >>> probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55]])
+        >>> r = reliability(probs, torch.tensor([0, 1, 1, 1]), num_bins=2, binning="mass")
+        >>> r.count.tolist()
+        [2.0, 2.0]
     """
     if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
         raise bad_arg("num_bins", num_bins, "a positive int")
@@ -146,7 +212,16 @@ def ece(
 
     Bins as in :func:`reliability` (15 equal-width bins by default).
 
+    Returns:
+        The ECE, a float in [0, 1] (multiply by 100 for percent).
+
     Raises:
         ConfigError: bad ``num_bins``/``binning``, or bad ``probs``/``labels`` (see the module).
+
+    Examples:
+        >>> import torch
+        >>> from weightavg.metrics import ece
+        >>> round(ece(torch.tensor([[0.8, 0.2], [0.8, 0.2]]), torch.tensor([0, 0])), 4)  # |1 - 0.8|
+        0.2
     """
     return reliability(probs, labels, num_bins=num_bins, binning=binning).ece

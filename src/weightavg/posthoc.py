@@ -62,7 +62,17 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 
 class SnapshotError(WeightAvgError):
-    """A post-hoc EMA directory, manifest or snapshot cannot be used (missing, altered, unsafe)."""
+    """A post-hoc EMA directory, manifest or snapshot cannot be used (missing, altered, unsafe).
+
+    Examples:
+        >>> import tempfile
+        >>> from weightavg.posthoc import SnapshotError, read_manifest
+        >>> try:
+        ...     read_manifest(tempfile.mkdtemp())
+        ... except SnapshotError as e:
+        ...     print("no manifest" if "no manifest.json" in str(e) else e)
+        no manifest
+    """
 
 
 # ----------------------------------------------------------------------------- files
@@ -143,8 +153,19 @@ def _no_follow(path: str, flags: int) -> int:
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of a post-hoc EMA directory, validated (every file name a plain member).
 
+    Returns:
+        The parsed ``manifest.json``: ``sigma_rels``, ``gammas``, ``tensors`` (name -> shape,
+        dtype) and ``snapshots`` (one entry per file: ``file``, ``step``, ``gamma``, ``sha256``...).
+
     Raises:
         SnapshotError: no manifest, not JSON, another format, or unsafe/malformed entries.
+
+    Examples:
+        See :class:`PostHocEMA` for a directory to read;
+
+        >>> from weightavg.posthoc import read_manifest
+        >>> read_manifest  # doctest: +ELLIPSIS
+        <function read_manifest at ...>
     """
     d = Path(directory)
     path = _member(d, MANIFEST)
@@ -181,7 +202,22 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
-    """Relative standard deviation of the power-function EMA with exponent ``gamma`` (> −1)."""
+    """Relative standard deviation of the power-function EMA with exponent ``gamma`` (> −1).
+
+    The inverse of :func:`weightavg.sigma_rel_to_gamma`: ``σ_rel = √((γ+1) / ((γ+2)² (γ+3)))``.
+
+    Returns:
+        σ_rel, a float in (0, φ^(−5/2) ≈ 0.30028].
+
+    Raises:
+        ConfigError: ``gamma`` is not a number > −1.
+
+    Examples:
+        >>> import weightavg
+        >>> from weightavg.posthoc import gamma_to_sigma_rel
+        >>> round(gamma_to_sigma_rel(weightavg.sigma_rel_to_gamma(0.1)), 6)
+        0.1
+    """
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > -1:
         raise bad_arg("gamma", gamma, "a number > -1")
     g = float(gamma)
@@ -211,6 +247,12 @@ def profile_coefficients(
 
     Raises:
         ConfigError: no snapshot, a snapshot after ``target_step``, or a degenerate solution.
+
+    Examples:
+        >>> from weightavg.posthoc import profile_coefficients
+        >>> c, residual = profile_coefficients([100], [6.94], 100, 6.94)  # the target itself
+        >>> [round(x, 6) for x in c], round(residual, 6)
+        ([1.0], 0.0)
     """
     if not steps:
         raise bad_arg("steps", list(steps), "at least one snapshot")
@@ -273,8 +315,29 @@ class PostHocEMA(AveragingPolicy):
             with the weights (``buffers='average'``).
 
     Raises:
-        ConfigError: bad σ_rel, durations, dtype or directory; a sharded (DTensor) model at
-            :meth:`begin`.
+        ConfigError: bad σ_rel, durations, dtype or directory; ``start``/``end`` or
+            ``recompute_bn=True`` given; a sharded (DTensor) model at :meth:`begin`.
+
+    Examples:
+        Two EMAs, a snapshot every 2 steps, then the EMA of another σ_rel rebuilt from the files
+        (needs ``safetensors``):
+
+        >>> import tempfile, torch
+        >>> from weightavg.posthoc import PostHocEMA, reconstruct
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> d = tempfile.mkdtemp()
+        >>> phema = PostHocEMA(d, sigma_rels=(0.05, 0.15), snapshot_every="2ba")
+        >>> phema.begin(model, opt)
+        >>> for _ in range(6):
+        ...     model(torch.randn(4, 2)).sum().backward(); opt.step(); opt.zero_grad()
+        >>> state = phema.state_dict()  # checkpoint it with the model
+        >>> with phema.averaged() as m:  # the σ_rel=0.05 EMA inside, restored on exit
+        ...     _ = m(torch.randn(1, 2))
+        >>> phema.end()
+        >>> r = reconstruct(d, sigma_rel=0.10, warn=False)
+        >>> r.step, sorted(r.state_dict)
+        (6, ['bias', 'weight'])
 
     References:
         Karras et al., *Analyzing and Improving the Training Dynamics of Diffusion Models*,
@@ -355,7 +418,8 @@ class PostHocEMA(AveragingPolicy):
         """Start tracking; see :meth:`weightavg.AveragingPolicy.begin`.
 
         Raises:
-            ConfigError: a sharded (DTensor) model, or a directory holding another run.
+            ConfigError: a sharded (DTensor) model, a directory holding another run, or
+                ``safetensors`` not installed.
         """
         if isinstance(model, nn.Module) and _is_sharded(model):
             raise ConfigError("PostHocEMA does not support sharded (DTensor/FSDP2) models yet: "
@@ -387,14 +451,40 @@ class PostHocEMA(AveragingPolicy):
                 for name in self.averager.names}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (the manifest is rewritten to the restored entries)."""
+        """Restore :meth:`state_dict` (the manifest is rewritten to the restored entries).
+
+        Raises:
+            StateError: not a policy state, a newer format, another policy's state, or other
+                ``sigma_rels``.
+            SnapshotError: a restored manifest entry that is not a plain file name in the directory.
+
+        Examples:
+            >>> import tempfile, torch
+            >>> from weightavg.posthoc import PostHocEMA
+            >>> model, d = torch.nn.Linear(2, 1), tempfile.mkdtemp()
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> a = PostHocEMA(d, snapshot_every="1ba")
+            >>> a.begin(model, opt)
+            >>> model(torch.randn(3, 2)).sum().backward(); opt.step()
+            >>> state = a.state_dict()
+            >>> a.end()
+            >>> b = PostHocEMA(d, snapshot_every="1ba")  # a resumed run, same directory
+            >>> b.load_state_dict(state)
+            >>> b.begin(model, opt)
+            >>> len(b.snapshots)  # the two EMAs' snapshots at step 1
+            2
+        """
         super().load_state_dict(state)
         if self.model is not None and self.averager is not None and _rank() == 0:
             self._write_manifest()
 
     @torch.no_grad()
     def end(self) -> None:
-        """End of training: a last snapshot (if new weights came in since the last one), then ``final``."""
+        """End of training: a last snapshot (if new weights came in since the last one), then ``final``.
+
+        Raises:
+            StateError: the policy was not begun.
+        """
         self._require_begun()
         if self.has_average and (not self.snapshots or self.snapshots[-1]["step"] < self._ema_step()):
             self._snapshot()
@@ -410,6 +500,12 @@ class PostHocEMA(AveragingPolicy):
 
         ``collective`` is accepted for the front ends (see :meth:`AveragingPolicy.averaged`); this
         policy runs no collective here either way.
+
+        Yields:
+            The model, holding the EMA (or its own weights before the first update).
+
+        Raises:
+            StateError: the policy was not begun.
         """
         self._require_begun()
         assert self.model is not None
@@ -429,7 +525,21 @@ class PostHocEMA(AveragingPolicy):
             self._snapshot()
 
     def on_epoch_end(self) -> None:
-        """Tell the policy that an epoch ended (snapshots every whole epochs are taken here)."""
+        """Tell the policy that an epoch ended (snapshots every whole epochs are taken here).
+
+        Examples:
+            >>> import tempfile, torch
+            >>> from weightavg.posthoc import PostHocEMA
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> phema = PostHocEMA(tempfile.mkdtemp(), snapshot_every="1ep")
+            >>> phema.begin(model, opt)
+            >>> model(torch.randn(3, 2)).sum().backward(); opt.step()
+            >>> phema.on_epoch_end()  # one snapshot per tracked EMA
+            >>> len(phema.snapshots)
+            2
+            >>> phema.end()
+        """
         super().on_epoch_end()
         t = self._t_snapshot
         if t.unit == "epoch" and self.epochs % t.value == 0:
@@ -493,7 +603,12 @@ class PostHocEMA(AveragingPolicy):
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        """The policy's state (EMAs, counters) and the manifest entries written so far."""
+        """The policy's state (EMAs, counters) and the manifest entries written so far.
+
+        Returns:
+            A dict of tensors and plain data for ``torch.save`` (``weights_only`` loadable); see
+            :meth:`load_state_dict` for an example.
+        """
         state = super().state_dict()
         if "posthoc" not in state:
             state["posthoc"] = {"snapshots": [dict(s) for s in self.snapshots],
@@ -534,7 +649,23 @@ def _is_sharded(model: nn.Module) -> bool:
 
 @dataclass
 class Reconstruction:
-    """One reconstructed EMA.
+    """One reconstructed EMA, returned by :func:`reconstruct` (see :class:`PostHocEMA` for a run).
+
+    Examples:
+        >>> import tempfile, torch
+        >>> from weightavg.posthoc import PostHocEMA, reconstruct
+        >>> model, d = torch.nn.Linear(2, 1), tempfile.mkdtemp()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> phema = PostHocEMA(d, sigma_rels=(0.05, 0.15), snapshot_every="2ba")
+        >>> phema.begin(model, opt)
+        >>> for _ in range(4):
+        ...     model(torch.randn(4, 2)).sum().backward(); opt.step(); opt.zero_grad()
+        >>> phema.end()
+        >>> r = reconstruct(d, sigma_rel=0.05, warn=False)  # a tracked profile: exact
+        >>> r.relative_residual < 1e-6, round(sum(r.coefficients.values()), 6)
+        (True, 1.0)
+        >>> sorted(r.summary())
+        ['buffers_from', 'coefficients', 'gamma', 'relative_residual', 'sigma_rel', 'step', 'warnings']
 
     Attributes:
         state_dict: the weights (tracked tensors, in the model's own dtypes): parameters
@@ -557,7 +688,11 @@ class Reconstruction:
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready description (everything but the tensors)."""
+        """JSON-ready description (everything but the tensors).
+
+        Returns:
+            A dict of the attributes except ``state_dict``.
+        """
         return {"sigma_rel": self.sigma_rel, "gamma": self.gamma, "step": self.step,
                 "relative_residual": self.relative_residual, "coefficients": self.coefficients,
                 "buffers_from": self.buffers_from, "warnings": list(self.warnings)}
@@ -617,7 +752,22 @@ def reconstruct(
 
     Raises:
         SnapshotError: no usable manifest, a snapshot missing, altered or unsafe.
-        ConfigError: bad targets, or ``step`` before the first snapshot.
+        ConfigError: bad targets, ``step`` before the first snapshot, no snapshot yet, or
+            ``safetensors`` not installed.
+
+    Examples:
+        >>> import tempfile, torch
+        >>> from weightavg.posthoc import PostHocEMA, reconstruct
+        >>> model, d = torch.nn.Linear(2, 1), tempfile.mkdtemp()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> phema = PostHocEMA(d, sigma_rels=(0.05, 0.15), snapshot_every="2ba")
+        >>> phema.begin(model, opt)
+        >>> for _ in range(4):
+        ...     model(torch.randn(4, 2)).sum().backward(); opt.step(); opt.zero_grad()
+        >>> phema.end()
+        >>> rs = reconstruct(d, sigma_rel=[0.08, 0.12], step=2, warn=False)  # two, in one pass
+        >>> [(round(r.sigma_rel, 2), r.step, sorted(r.state_dict)) for r in rs]
+        [(0.08, 2, ['bias', 'weight']), (0.12, 2, ['bias', 'weight'])]
     """
     _require_safetensors()
     d = Path(directory)

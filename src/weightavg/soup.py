@@ -39,6 +39,13 @@ class Soup:
         scores: each input's own score, in input order.
         soup_score: the final soup's score.
         history: one row per ingredient tried after the first: index, score with it, kept.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> soup = weightavg.greedy_soup([{"w": torch.ones(2)}, {"w": torch.zeros(2)}],
+        ...                              lambda sd: -float((sd["w"] - 0.5).abs().sum()))
+        >>> soup.members, soup.state_dict["w"]
+        ([0, 1], tensor([0.5000, 0.5000]))
     """
 
     state_dict: dict[str, Tensor]
@@ -49,7 +56,18 @@ class Soup:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready description (everything but the tensors)."""
+        """JSON-ready description (everything but the tensors).
+
+        Returns:
+            A dict with ``members`` (names of the kept inputs, in the order added), ``scores``
+            (name -> own score), ``soup_score`` and ``history``.
+
+        Examples:
+            >>> import torch, weightavg
+            >>> soup = weightavg.greedy_soup([{"w": torch.ones(1)}], lambda sd: float(sd["w"]))
+            >>> soup.summary()
+            {'members': ['#0'], 'scores': {'#0': 1.0}, 'soup_score': 1.0, 'history': []}
+        """
         return {"members": [self.names[i] for i in self.members],
                 "scores": dict(zip(self.names, self.scores, strict=True)),
                 "soup_score": self.soup_score, "history": self.history}
@@ -92,9 +110,25 @@ def greedy_soup(
         A :class:`Soup`.
 
     Raises:
-        ConfigError: no model, or ``evaluate`` returning a non-finite or non-numeric score.
+        ConfigError: no model, ``evaluate`` not callable or returning a non-finite or non-numeric
+            score, or the best ingredient holding NaN/Inf.
         MismatchError: ingredients that do not pair by name and shape.
-        CheckpointError: an unreadable checkpoint.
+        NonFiniteError: a later ingredient holds NaN/Inf.
+        WeightAvgError: an unreadable checkpoint (its ``CheckpointError`` subclass) or a refused
+            path (``InputError``).
+
+    Examples:
+        >>> import torch, weightavg
+        >>> target = torch.tensor([1.0, 0.0])
+        >>> def score(sd: dict) -> float:  # higher is better
+        ...     return -float((sd["w"] - target).norm())
+        >>> models = [{"w": torch.tensor([1.0, 0.2])}, {"w": torch.tensor([1.0, -0.2])},
+        ...           {"w": torch.tensor([5.0, 5.0])}]
+        >>> soup = weightavg.greedy_soup(models, score)
+        >>> soup.members  # the far-off third ingredient would lower the score: left out
+        [0, 1]
+        >>> soup.state_dict["w"]
+        tensor([1., 0.])
     """
     if isinstance(models, (str, os.PathLike, Mapping)) or not isinstance(models, Sequence) or not models:
         raise bad_arg("models", type(models).__name__, "a non-empty sequence of checkpoint paths or state dicts")

@@ -215,6 +215,15 @@ def get_ema_multi_avg_fn(decay: float = 0.999) -> MultiAvgFn:
 
     Raises:
         ConfigError: ``decay`` outside [0, 1].
+
+    Examples:
+        >>> import torch
+        >>> from weightavg.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        >>> model = torch.nn.Linear(2, 1)
+        >>> ema_model = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+        >>> ema_model.update_parameters(model)
+        >>> torch.equal(ema_model.module.weight, model.weight)  # the first update copies
+        True
     """
     return _EmaMulti(_check_decay(decay))
 
@@ -224,6 +233,14 @@ def get_swa_multi_avg_fn() -> MultiAvgFn:
 
     Returns:
         ``fn(averaged_list, current_list, num_averaged)``; here it runs as the engine's fused mean.
+
+    Examples:
+        >>> import torch
+        >>> from weightavg.swa_utils import get_swa_multi_avg_fn
+        >>> avg, new = [torch.zeros(2)], [torch.ones(2)]
+        >>> get_swa_multi_avg_fn()(avg, new, 3)  # in place: 0 + (1 - 0) / 4
+        >>> avg[0]
+        tensor([0.2500, 0.2500])
     """
     return _SwaMulti()
 
@@ -240,6 +257,12 @@ def get_ema_avg_fn(decay: float = 0.999) -> AvgFn:
 
     Raises:
         ConfigError: ``decay`` outside [0, 1].
+
+    Examples:
+        >>> import torch
+        >>> from weightavg.swa_utils import get_ema_avg_fn
+        >>> get_ema_avg_fn(0.75)(torch.zeros(2), torch.ones(2), 5)
+        tensor([0.2500, 0.2500])
     """
     return _EmaSingle(_check_decay(decay))
 
@@ -249,6 +272,12 @@ def get_swa_avg_fn() -> AvgFn:
 
     Returns:
         ``fn(averaged, current, num_averaged) -> Tensor``; here it runs as the engine's fused mean.
+
+    Examples:
+        >>> import torch
+        >>> from weightavg.swa_utils import get_swa_avg_fn
+        >>> get_swa_avg_fn()(torch.zeros(2), torch.ones(2), 1)  # 0 + (1 - 0) / 2
+        tensor([0.5000, 0.5000])
     """
     return _SwaSingle()
 
@@ -551,6 +580,7 @@ class AveragedModel(nn.Module):
                 (DDP / ``torch.compile`` wrappers are looked through).
 
         Raises:
+            ConfigError: ``model`` is not an ``nn.Module``.
             MismatchError: the model's tensors do not pair with the average's by name and shape.
             NonFiniteError: the model holds NaN/Inf and ``nonfinite="raise"``.
         """
@@ -602,6 +632,17 @@ def update_bn(
         loader: batches, each a tensor or a list/tuple whose first element is the input.
         model: the model whose BatchNorm statistics are recomputed (e.g. an AveragedModel).
         device: if given, each input is moved there first.
+
+    Raises:
+        ConfigError: ``model`` is not an ``nn.Module``.
+
+    Examples:
+        >>> import torch
+        >>> from weightavg.swa_utils import update_bn
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+        >>> update_bn([torch.randn(4, 2), torch.randn(4, 2)], model)
+        >>> int(model[1].num_batches_tracked)
+        2
     """
     if not isinstance(model, nn.Module):
         raise bad_arg("model", type(model).__name__, "a torch.nn.Module")

@@ -159,6 +159,21 @@ class WeightAveraging(TrainerCallback):
 
     To choose when to update, override ``should_update(step_idx=None, epoch_idx=None)`` here or on
     the policy.
+
+    Raises:
+        ConfigError: ``policy`` is not a weightavg policy, or ``bn_forward_fn`` not callable.
+
+    Examples:
+        The callback is built here; the Trainer lines need a model and a dataset, so they are not
+        run in the doctests (the Hugging Face guide runs a whole example).
+
+        >>> import weightavg
+        >>> from weightavg.transformers import WeightAveraging
+        >>> cb = WeightAveraging(weightavg.EMA(half_life="100ba", name="ema"))
+        >>> cb.policy.name
+        'ema'
+        >>> trainer = WeightAveragingTrainer(model=model, args=args, train_dataset=ds,  # doctest: +SKIP
+        ...                                  callbacks=[cb])
     """
 
     def __init__(
@@ -604,7 +619,17 @@ class WeightAveragingMixin(_TrainerBase):
 
 class WeightAveragingTrainer(WeightAveragingMixin, Trainer):
     """``transformers.Trainer`` with :class:`WeightAveragingMixin`: pass the :class:`SWA` /
-    :class:`EMA` callbacks in ``callbacks=[...]``."""
+    :class:`EMA` callbacks in ``callbacks=[...]``.
+
+    Examples:
+        Not run in the doctests: it needs a model, training arguments and a dataset (the Hugging
+        Face guide runs a whole example).
+
+        >>> from weightavg.transformers import EMA, WeightAveragingTrainer
+        >>> trainer = WeightAveragingTrainer(model=model, args=args, train_dataset=ds,  # doctest: +SKIP
+        ...                                  callbacks=[EMA(half_life="100ba")])
+        >>> trainer.train()  # doctest: +SKIP
+    """
 
 
 @contextlib.contextmanager

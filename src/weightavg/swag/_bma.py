@@ -32,10 +32,38 @@ ForwardFn = Callable[[nn.Module, Any], Tensor]
 
 
 class Posterior(Protocol):
-    """What :func:`bma_predict` needs: write draws into a model one after the other."""
+    """What :func:`bma_predict` needs: write draws into a model one after the other.
+
+    :class:`SWAG`, :class:`MultiSWAG`, :class:`MultiSWA` and :class:`SubspaceInference` are
+    posteriors; so is any object with a compatible ``draws`` method.
+
+    Examples:
+        >>> import contextlib, torch
+        >>> from weightavg.swag import bma_predict
+        >>> class TwoWeights:  # a posterior of two fixed weight values
+        ...     def draws(self, model, num_samples=None, **kwargs):
+        ...         saved = model.weight.detach().clone()
+        ...         try:
+        ...             for i, w in enumerate((1.0, -1.0)):
+        ...                 with torch.no_grad():
+        ...                     _ = model.weight.fill_(w)
+        ...                 yield i
+        ...         finally:
+        ...             with torch.no_grad():
+        ...                 _ = model.weight.copy_(saved)
+        >>> net = torch.nn.Linear(1, 2, bias=False)
+        >>> [net.weight.sum().item() for _ in TwoWeights().draws(net)]  # what bma_predict iterates
+        [2.0, -2.0]
+        >>> bma_predict(TwoWeights(), net, [torch.ones(1, 1)])  # both draws' softmax averaged
+        tensor([[0.5000, 0.5000]], dtype=torch.float64)
+    """
 
     def draws(self, model: nn.Module, num_samples: int | None = None, **kwargs: Any) -> Iterator[int]:
-        """Yield once per draw, with the draw written into ``model``; restore it when closed."""
+        """Yield once per draw, with the draw written into ``model``; restore it when closed.
+
+        Returns:
+            An iterator over the draw indices.
+        """
         ...
 
 
@@ -78,6 +106,20 @@ def predict_probs(
     """Softmax probabilities (N, C) of the model on every batch of ``data``, in float64.
 
     The model is put in eval mode for the pass and the mode of every module restored afterwards.
+
+    Returns:
+        An (N, C) float64 tensor on the CPU, batches concatenated in order.
+
+    Raises:
+        ConfigError: ``data`` yielded no batch.
+
+    Examples:
+        >>> import torch
+        >>> from weightavg.swag import predict_probs
+        >>> net = torch.nn.Linear(3, 4)
+        >>> p = predict_probs(net, [torch.randn(5, 3), (torch.randn(2, 3), torch.zeros(2))])
+        >>> p.shape, p.dtype, bool(torch.allclose(p.sum(1), torch.ones(7, dtype=torch.float64)))
+        (torch.Size([7, 4]), torch.float64, True)
     """
     dev = torch.device(device) if device is not None else None
     fwd = forward_fn or _forward
@@ -134,8 +176,25 @@ def bma_predict(
         (N, C) float64 probabilities on the CPU.
 
     Raises:
-        ConfigError: ``num_samples < 1``, or a model with BatchNorm and no ``bn_data``.
+        ConfigError: ``model`` not an ``nn.Module``; ``num_samples < 1``; a model with BatchNorm
+            and no ``bn_data``; a posterior without ``draws``; ``data`` yielding a different
+            number of rows on a later pass.
         StateError: the posterior gave no draw.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+        >>> swag = weightavg.SWAG(net, max_rank=3)
+        >>> for _ in range(3):
+        ...     with torch.no_grad():
+        ...         for p in net.parameters():
+        ...             _ = p.add_(0.01 * torch.randn_like(p))
+        ...     swag.collect(net)
+        >>> train = [torch.randn(16, 2) for _ in range(2)]
+        >>> probs = weightavg.bma_predict(swag, net, [torch.randn(5, 2)], num_samples=4, bn_data=train,
+        ...                               scale=0.5, generator=torch.Generator().manual_seed(0))
+        >>> probs.shape
+        torch.Size([5, 3])
     """
     if not isinstance(model, nn.Module):
         raise bad_arg("model", type(model).__name__, "a torch.nn.Module")
@@ -208,6 +267,25 @@ def select_scale(
 
     Returns:
         ``(best_scale, {scale: metric value})``.
+
+    Raises:
+        ConfigError: an unknown ``metric``, empty ``scales``, or what :func:`bma_predict` raises
+            for the other arguments.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> from weightavg.swag import select_scale
+        >>> net = torch.nn.Linear(2, 2)
+        >>> swag = weightavg.SWAG(net, max_rank=2)
+        >>> for _ in range(3):
+        ...     with torch.no_grad():
+        ...         _ = net.weight.add_(0.1 * torch.randn(2, 2))
+        ...     swag.collect(net)
+        >>> x, y = torch.randn(20, 2), torch.randint(0, 2, (20,))
+        >>> best, table = select_scale(swag, net, [x], y, scales=[0.0, 0.5], num_samples=3,
+        ...                            generator=torch.Generator().manual_seed(0))
+        >>> best in table, sorted(table)
+        (True, [0.0, 0.5])
     """
     fns: dict[str, Callable[[Tensor, Tensor], float]] = {
         "nll": metrics.nll, "brier": metrics.brier, "ece": metrics.ece}

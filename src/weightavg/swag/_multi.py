@@ -38,8 +38,16 @@ class MultiSWAG:
         ...     s = weightavg.SWAG(net, max_rank=2)
         ...     s.collect(net)
         ...     posts.append(s)
-        >>> len(weightavg.MultiSWAG(posts))
-        2
+        >>> mix = weightavg.MultiSWAG(posts)
+        >>> len(mix), mix.member(1, nets[0]) is posts[1]
+        (2, True)
+        >>> [s.num_collected for s in mix.iter_members(nets[0])]
+        [1, 1]
+        >>> list(mix.draws(nets[0], 2, scale=0.0))  # 2 draws per member
+        [0, 1, 2, 3]
+
+    Raises:
+        ConfigError: ``members`` empty or not a sequence, or an entry neither a SWAG nor a path.
 
     References:
         Wilson, Izmailov. Bayesian Deep Learning and a Probabilistic Perspective of
@@ -61,12 +69,21 @@ class MultiSWAG:
         return len(self.members)
 
     def member(self, index: int, model: nn.Module) -> SWAG:
-        """Member ``index`` as a :class:`SWAG` (read from disk when it is a path)."""
+        """Member ``index`` as a :class:`SWAG` (read from disk when it is a path).
+
+        Returns:
+            The member's posterior (a fresh object for a path; see :meth:`SWAG.load` for what a
+            file that cannot be read raises).
+        """
         m = self.members[index]
         return m if isinstance(m, SWAG) else SWAG.load(m, model)
 
     def iter_members(self, model: nn.Module) -> Iterator[SWAG]:
-        """The members one at a time (paths are loaded on demand and dropped afterwards)."""
+        """The members one at a time (paths are loaded on demand and dropped afterwards).
+
+        Yields:
+            Each member as a :class:`SWAG`, in order.
+        """
         for i in range(len(self.members)):
             yield self.member(i, model)
 
@@ -82,6 +99,12 @@ class MultiSWAG:
         """Write ``num_samples`` draws *per member* into the model, member after member.
 
         The model's tracked tensors are restored when the iterator finishes or is closed.
+
+        Returns:
+            An iterator over the draw indices ``0 … M·num_samples − 1``.
+
+        Raises:
+            ConfigError: ``num_samples`` or ``scale`` out of range, or ``model`` not an ``nn.Module``.
         """
         n = check_num_samples(num_samples, self.default_num_samples)
         scale = check_scale(scale)
@@ -107,6 +130,22 @@ class MultiSWA(MultiSWAG):
 
     The deterministic counterpart of :class:`MultiSWAG`: each member contributes its mean once
     (the same as ``MultiSWAG`` with ``scale=0`` and one draw per member).
+
+    Raises:
+        ConfigError: as :class:`MultiSWAG`.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> net = torch.nn.Linear(2, 1)
+        >>> posts = []
+        >>> for value in (0.0, 1.0):
+        ...     with torch.no_grad():
+        ...         _ = net.weight.fill_(value)
+        ...     posts.append(weightavg.SWAG(net, max_rank=0))
+        ...     posts[-1].collect(net)
+        >>> seen = [net.weight.sum().item() for _ in weightavg.MultiSWA(posts).draws(net)]
+        >>> seen  # each member's mean in turn
+        [0.0, 2.0]
     """
 
     default_num_samples = 1
@@ -120,7 +159,14 @@ class MultiSWA(MultiSWAG):
         diag_only: bool = False,
         generator: torch.Generator | None = None,
     ) -> Iterator[int]:
-        """Write each member's SWA mean into the model in turn (``num_samples`` must be 1)."""
+        """Write each member's SWA mean into the model in turn (``num_samples`` must be 1).
+
+        Returns:
+            An iterator over the member indices; the model holds that member's mean at each one.
+
+        Raises:
+            ConfigError: ``num_samples`` other than 1/None, or ``scale`` other than 0.
+        """
         if num_samples not in (None, 1):
             raise bad_arg("num_samples", num_samples, "1 or None (a MultiSWA member is one mean)")
         if scale != 0.0:

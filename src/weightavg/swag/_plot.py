@@ -35,6 +35,18 @@ def plot_reliability(
 
     Raises:
         ImportError: matplotlib is not installed (``pip install weightavg[plot]``).
+        ConfigError: ``probs`` is a tensor and ``labels`` is missing, or what
+            :func:`weightavg.metrics.reliability` raises for bad probabilities.
+
+    Examples:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> import torch
+        >>> from weightavg.swag import plot_reliability
+        >>> probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+        >>> ax = plot_reliability(probs, torch.tensor([0, 1, 1]), num_bins=5, label="SWAG")
+        >>> ax.get_legend().get_texts()[0].get_text()
+        'SWAG (ECE 0.300)'
     """
     try:
         import matplotlib.pyplot as plt

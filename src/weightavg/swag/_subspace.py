@@ -31,6 +31,21 @@ class Subspace:
         basis: (rank, P) float64 rows spanning it.
         layout: name -> (start, stop, shape) of each tensor in the flat vectors.
         singular_values: (rank,) for a PCA subspace (the row norms), else None.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> from weightavg.swag import pca_subspace
+        >>> net = torch.nn.Linear(2, 2)
+        >>> swag = weightavg.SWAG(net, max_rank=4)
+        >>> for _ in range(4):
+        ...     with torch.no_grad():
+        ...         _ = net.weight.add_(0.1 * torch.randn(2, 2))
+        ...     swag.collect(net)
+        >>> sub = pca_subspace(swag, rank=2)
+        >>> sub.rank, sub.basis.shape
+        (2, torch.Size([2, 6]))
+        >>> torch.equal(sub.point(torch.zeros(2)), swag.mean())  # z = 0 is the SWA mean
+        True
     """
 
     shift: Tensor
@@ -43,7 +58,14 @@ class Subspace:
         return int(self.basis.shape[0])
 
     def point(self, z: Tensor) -> Tensor:
-        """``shift + zᵀ basis`` (flat, float64; differentiable in ``z``)."""
+        """``shift + zᵀ basis`` (flat, float64; differentiable in ``z``).
+
+        Returns:
+            A (P,) float64 weight vector (see :meth:`weightavg.SWAG.write` to put it in a model).
+
+        Raises:
+            ConfigError: ``z`` is not a (rank,) tensor.
+        """
         if not isinstance(z, Tensor) or z.shape != (self.rank,):
             raise bad_arg("z", getattr(z, "shape", type(z).__name__), f"a ({self.rank},) tensor")
         return self.shift + z.to(self.basis) @ self.basis
@@ -67,6 +89,27 @@ def pca_subspace(swag: SWAG, rank: int | None = None) -> Subspace:
     Args:
         swag: a posterior with at least 2 stored columns.
         rank: number of principal directions (default: all ``K``).
+
+    Returns:
+        A :class:`Subspace` with ``singular_values``.
+
+    Raises:
+        ConfigError: ``swag`` is not a :class:`SWAG`, or ``rank`` not in ``[1, K]``.
+        StateError: fewer than 2 stored columns.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> from weightavg.swag import pca_subspace
+        >>> net = torch.nn.Linear(2, 2)
+        >>> swag = weightavg.SWAG(net, max_rank=4)
+        >>> for _ in range(4):
+        ...     with torch.no_grad():
+        ...         _ = net.weight.add_(0.1 * torch.randn(2, 2))
+        ...     swag.collect(net)
+        >>> sub = pca_subspace(swag)
+        >>> d = swag.deviations().double()
+        >>> torch.allclose(sub.basis.T @ sub.basis, d.T @ d / 3)  # SWAG's low-rank covariance
+        True
     """
     if not isinstance(swag, SWAG):
         raise bad_arg("swag", type(swag).__name__, "a weightavg.SWAG posterior")
@@ -89,6 +132,23 @@ def random_subspace(
 
     Directions are uniformly distributed (QR of a Gaussian matrix); the baseline of the subspace
     paper against which PCA subspaces are compared.
+
+    Returns:
+        A :class:`Subspace` (``singular_values`` None).
+
+    Raises:
+        ConfigError: ``swag`` is not a :class:`SWAG`, ``rank`` not in ``[1, P]``, or ``scale``
+            not a finite float > 0.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> from weightavg.swag import random_subspace
+        >>> net = torch.nn.Linear(3, 2)
+        >>> swag = weightavg.SWAG(net, max_rank=0)
+        >>> swag.collect(net)
+        >>> sub = random_subspace(swag, 2, scale=3.0, generator=torch.Generator().manual_seed(0))
+        >>> torch.allclose(sub.basis @ sub.basis.T, 9 * torch.eye(2, dtype=torch.float64))
+        True
     """
     if not isinstance(swag, SWAG):
         raise bad_arg("swag", type(swag).__name__, "a weightavg.SWAG posterior")
@@ -132,6 +192,22 @@ def elliptical_slice(
 
     Returns:
         (num_samples, d) float64 samples.
+
+    Raises:
+        ConfigError: ``num_samples``, ``burn_in``, ``initial`` or ``prior_std`` out of range, or
+            a log-likelihood that is not finite at ``initial``.
+        StateError: a step's bracket shrank ``max_shrinks`` times without an acceptable point.
+
+    Examples:
+        A Gaussian likelihood times a Gaussian prior: the posterior is known in closed form
+        (prior N(0, 1), likelihood N(z; 2, 1): posterior N(1, 1/2)).
+
+        >>> import torch
+        >>> from weightavg.swag import elliptical_slice
+        >>> z = elliptical_slice(lambda z: -0.5 * float((z - 2.0) ** 2), torch.zeros(1),
+        ...                      num_samples=500, burn_in=20, generator=torch.Generator().manual_seed(0))
+        >>> z.shape, abs(float(z.mean()) - 1.0) < 0.1
+        (torch.Size([500, 1]), True)
     """
     num_samples = check_num_samples(num_samples, 1)
     if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
@@ -200,6 +276,34 @@ class SubspaceInference:
             (default: minus the summed cross-entropy, for classification).
         device: move each batch there first.
 
+    Raises:
+        ConfigError: ``subspace`` not a :class:`Subspace`, a bad ``temperature``/``prior_scale``,
+            or a sharded (DTensor) model.
+        MismatchError: the model's tensors do not pair with the subspace's layout.
+
+    Examples:
+        >>> import torch, weightavg
+        >>> from weightavg.swag import pca_subspace
+        >>> net = torch.nn.Linear(2, 2)
+        >>> swag = weightavg.SWAG(net, max_rank=4)
+        >>> for _ in range(4):
+        ...     with torch.no_grad():
+        ...         _ = net.weight.add_(0.1 * torch.randn(2, 2))
+        ...     swag.collect(net)
+        >>> sub = pca_subspace(swag, rank=2)
+        >>> si = weightavg.SubspaceInference(net, sub, temperature=2.0)
+        >>> data = [(torch.randn(8, 2), torch.randint(0, 2, (8,)))]
+        >>> z0 = torch.zeros(2, dtype=torch.float64)
+        >>> bool(si.log_likelihood(z0, data) < 0), round(float(si.log_prior(z0)), 4)  # -log(2π)
+        (True, -1.8379)
+        >>> si.sample_ess(data, num_samples=5, burn_in=2, generator=torch.Generator().manual_seed(0)).shape
+        torch.Size([5, 2])
+        >>> len(list(si.draws(net)))  # the 5 stored samples, written into net in turn
+        5
+        >>> mu, sigma = si.fit_vi(data, epochs=3, generator=torch.Generator().manual_seed(0))
+        >>> mu.shape, bool((sigma > 0).all())
+        (torch.Size([2]), True)
+
     References:
         Izmailov, Maddox, Kirichenko, Garipov, Vetrov, Wilson. Subspace Inference for Bayesian
         Deep Learning. UAI 2019.
@@ -242,7 +346,14 @@ class SubspaceInference:
                 for n, (a, b, shape) in self.subspace.layout.items()}
 
     def log_likelihood(self, z: Tensor, data: Iterable[Any]) -> Tensor:
-        """``Σ_batches log p(y | x, θ(z))`` (untempered; differentiable in ``z`` under grad)."""
+        """``Σ_batches log p(y | x, θ(z))`` (untempered; differentiable in ``z`` under grad).
+
+        Returns:
+            A 0-d float64 tensor on the CPU.
+
+        Raises:
+            ConfigError: a batch is not an ``(inputs, targets)`` pair.
+        """
         module = unwrap_model(self.model)
         params = self._params(z)
         total = torch.zeros((), dtype=torch.float64)
@@ -260,7 +371,11 @@ class SubspaceInference:
         return b[0], b[1]
 
     def log_prior(self, z: Tensor) -> Tensor:
-        """``log N(z; 0, σ_p² I)``."""
+        """``log N(z; 0, σ_p² I)``.
+
+        Returns:
+            A 0-d float64 tensor.
+        """
         d = z.numel()
         s = self.prior_scale
         return -0.5 * (z.double() ** 2).sum() / s**2 - d * math.log(s) - 0.5 * d * math.log(2 * math.pi)
@@ -280,6 +395,14 @@ class SubspaceInference:
         """Run elliptical slice sampling on the tempered posterior; keep and return the samples.
 
         ``data`` is read in full for every likelihood evaluation (a few per sample).
+
+        Returns:
+            The (num_samples, rank) float64 samples, also kept as ``samples`` for :meth:`draws`.
+
+        Raises:
+            ConfigError: bad ``num_samples``/``burn_in``/``initial``, batches that are not
+                ``(inputs, targets)`` pairs, or a likelihood not finite at the starting point.
+            StateError: a step's bracket shrank too often (see :func:`elliptical_slice`).
         """
         z0 = torch.zeros(self.subspace.rank, dtype=torch.float64) if initial is None else initial
         temp = self.temperature
@@ -311,6 +434,10 @@ class SubspaceInference:
 
         Returns:
             ``(μ, σ)``, also kept as ``vi_mean`` / ``vi_std`` for :meth:`draws`.
+
+        Raises:
+            ConfigError: ``epochs``/``num_mc`` not positive ints, ``lr`` not > 0, or ``data``
+                without examples or with batches that are not ``(inputs, targets)`` pairs.
         """
         for name, v in (("epochs", epochs), ("num_mc", num_mc)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -366,6 +493,14 @@ class SubspaceInference:
 
         After :meth:`sample_ess`: the stored samples (all of them by default, or the first
         ``num_samples``). After :meth:`fit_vi`: ``num_samples`` fresh draws from ``q`` (default 30).
+
+        Returns:
+            An iterator over the draw indices; the model holds draw ``i`` at item ``i``.
+
+        Raises:
+            StateError: nothing fitted yet.
+            ConfigError: ``num_samples`` out of range (more than the ESS samples kept).
+            MismatchError: the model's tensors do not pair with the subspace's layout.
         """
         if self.method is None:
             raise StateError("nothing fitted yet: call sample_ess(...) or fit_vi(...) first")

@@ -28,6 +28,12 @@ def last_layer(model: nn.Module) -> list[str]:
     the forward order for ``nn.Sequential`` and for most hand-written models, but not for every
     model: check the returned names, or pass names/patterns to ``include`` yourself.
 
+    Returns:
+        The names, to pass as ``SWAG(model, include=...)`` for a last-layer posterior.
+
+    Raises:
+        ConfigError: ``model`` is not an ``nn.Module`` or has no parameter.
+
     Examples:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -124,6 +130,34 @@ class SWAG:
         4
         >>> g = torch.Generator().manual_seed(0)
         >>> swag.sample_into(net, scale=0.5, generator=g)
+
+        The moments, a draw and its density, and a checkpoint round trip:
+
+        >>> swag.mean().shape, swag.variance().dtype, swag.deviations().shape  # P = 8 weights
+        (torch.Size([8]), torch.float64, torch.Size([4, 8]))
+        >>> theta = swag.sample(scale=0.5, generator=g)
+        >>> swag.write(net, theta)  # the same as sample_into
+        >>> sorted(swag.unflatten(theta))
+        ['bias', 'weight']
+        >>> swag.log_prob(swag.mean()) > swag.log_prob(theta)
+        True
+        >>> [i for i in swag.draws(net, 3, generator=g)]  # the net holds draw i inside the loop
+        [0, 1, 2]
+        >>> again = weightavg.SWAG.from_state_dict(swag.state_dict(), net)
+        >>> torch.equal(again.deviations(), swag.deviations()), again.config()["max_rank"]
+        (True, 5)
+        >>> again.load_state_dict(swag.state_dict())  # into an existing posterior
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "swag.pt")
+        >>> swag.save(path)
+        >>> weightavg.SWAG.load(path, net).num_collected
+        4
+        >>> swag.reset(); swag.num_collected
+        0
+
+    Raises:
+        ConfigError: a bad ``max_rank``, ``var_clamp`` or ``deviation_dtype``, or a model with no
+            floating-point tensor to track (a sharded model too: SWAG refuses DTensors).
 
     References:
         Maddox, Garipov, Izmailov, Vetrov, Wilson. A Simple Baseline for Bayesian Uncertainty in
@@ -236,25 +270,50 @@ class SWAG:
                              "before sampling or reading it")
 
     def mean(self) -> Tensor:
-        """``θ̄``, the SWA mean, as a fresh flat float64 tensor."""
+        """``θ̄``, the SWA mean, as a fresh flat float64 tensor.
+
+        Returns:
+            A (P,) float64 tensor (a copy: changing it changes nothing here).
+
+        Raises:
+            StateError: nothing collected yet.
+        """
         self._require()
         return self.averager.flat(which="mean")
 
     def variance(self, *, clamp: bool = True) -> Tensor:
-        """``Σ_diag = E[θ²] − θ̄²`` (float64, flat), clamped below at ``var_clamp`` by default."""
+        """``Σ_diag = E[θ²] − θ̄²`` (float64, flat), clamped below at ``var_clamp`` by default.
+
+        Returns:
+            A fresh (P,) float64 tensor.
+
+        Raises:
+            StateError: nothing collected yet.
+        """
         self._require()
         m = self.averager.flat(which="mean")
         var = self.averager.flat(which="sq").sub_(m.mul_(m))
         return var.clamp_min_(self.var_clamp) if clamp else var
 
     def deviations(self) -> Tensor:
-        """The stored columns ``D`` as a (K_eff, P) tensor, one row per column, oldest first."""
+        """The stored columns ``D`` as a (K_eff, P) tensor, one row per column, oldest first.
+
+        Returns:
+            A fresh tensor in ``deviation_dtype`` ((0, P) before any collection or with ``max_rank=0``).
+        """
         if self._columns is None or self._num_columns == 0:
             return torch.zeros(0, self.num_parameters, dtype=self.deviation_dtype)
         return self._columns[self._order().to(self._columns.device)].clone()
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        """Name -> view of ``flat`` shaped like the tracked tensor (no copy)."""
+        """Name -> view of ``flat`` shaped like the tracked tensor (no copy).
+
+        Returns:
+            A dict of views into ``flat``, in the tracked order.
+
+        Raises:
+            ConfigError: ``flat`` is not a (P,) tensor.
+        """
         if not isinstance(flat, Tensor) or flat.shape != (self.num_parameters,):
             raise bad_arg("flat", getattr(flat, "shape", type(flat).__name__),
                           f"a 1-D tensor of {self.num_parameters} elements")
@@ -275,7 +334,12 @@ class SWAG:
                 left alone when one is given. ``z₁`` (P values) is drawn first, then ``z₂``
                 (``K_eff`` values, paired with the columns oldest first).
 
+        Returns:
+            A fresh (P,) float64 tensor; :meth:`unflatten` names its parts, :meth:`write` puts it
+            into a model.
+
         Raises:
+            ConfigError: ``scale`` is not a finite number ≥ 0.
             StateError: nothing collected yet.
         """
         scale = check_scale(scale)
@@ -301,7 +365,12 @@ class SWAG:
 
     @torch.no_grad()
     def write(self, model: nn.Module, flat: Tensor) -> None:
-        """Copy a flat weight vector (e.g. from :meth:`sample`) into the model, in place, by name."""
+        """Copy a flat weight vector (e.g. from :meth:`sample`) into the model, in place, by name.
+
+        Raises:
+            ConfigError: ``flat`` is not a (P,) tensor.
+            MismatchError: the model lacks a tracked tensor or has it in another shape.
+        """
         targets = self._targets(model)
         for n, view in self.unflatten(flat).items():
             targets[n].copy_(view)
@@ -319,6 +388,11 @@ class SWAG:
 
         Only tracked tensors change; BatchNorm statistics are *not* recomputed (use
         :func:`weightavg.recompute_bn` afterwards, or :func:`bma_predict`).
+
+        Raises:
+            ConfigError: ``scale`` is not a finite number ≥ 0.
+            StateError: nothing collected yet.
+            MismatchError: the model lacks a tracked tensor or has it in another shape.
         """
         targets = self._targets(model)
         for n, view in self.unflatten(self.sample(scale, diag_only=diag_only,
@@ -339,6 +413,13 @@ class SWAG:
         Arguments are checked at once; the returned iterator yields ``0 … num_samples−1`` and,
         after each item, the model holds the next draw. When it finishes or is closed, the tracked
         tensors get their original values back.
+
+        Returns:
+            An iterator over the draw indices.
+
+        Raises:
+            ConfigError: ``num_samples`` or ``scale`` out of range.
+            StateError: nothing collected yet.
         """
         n = check_num_samples(num_samples, DEFAULT_NUM_SAMPLES)
         scale = check_scale(scale)
@@ -369,6 +450,13 @@ class SWAG:
             lemma ``log det(V + UUᵀ) = Σ log V + log det C`` with ``C = I + Uᵀ V⁻¹ U`` (K×K),
             and by Woodbury ``rᵀ(V + UUᵀ)⁻¹r = rᵀV⁻¹r − bᵀ C⁻¹ b`` with ``b = Uᵀ V⁻¹ r``.
             Cost O(P·K²), memory O(P·K) in float64: meant for small models or last layers.
+
+        Returns:
+            The log density (natural log), a float.
+
+        Raises:
+            ConfigError: ``scale`` not > 0, or ``theta`` not a (P,) tensor.
+            StateError: nothing collected yet.
         """
         scale = check_scale(scale)
         if scale == 0.0:
@@ -397,7 +485,11 @@ class SWAG:
     # ------------------------------------------------------------------ checkpointing
 
     def config(self) -> dict[str, Any]:
-        """Plain-data configuration (saved in checkpoints)."""
+        """Plain-data configuration (saved in checkpoints).
+
+        Returns:
+            A dict: ``max_rank``, ``params``, ``include``, ``exclude``, ``var_clamp``, ``deviation_dtype``.
+        """
         cfg = self.averager.config()
         return {
             "max_rank": self.max_rank,
@@ -409,7 +501,12 @@ class SWAG:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Moments, stored columns (by name, oldest first) and counters."""
+        """Moments, stored columns (by name, oldest first) and counters.
+
+        Returns:
+            A dict of tensors and plain data (``torch.save``/``weights_only`` safe; :meth:`save`
+            writes it).
+        """
         d = self.deviations()
         k = d.shape[0]
         return {
@@ -459,13 +556,24 @@ class SWAG:
         self._head = k % self.max_rank if self.max_rank else 0
 
     def save(self, path: PathLike) -> None:
-        """Write :meth:`state_dict` to ``path`` atomically (``.safetensors``: safetensors)."""
+        """Write :meth:`state_dict` to ``path`` atomically (``.safetensors``: safetensors).
+
+        Any other suffix writes a torch file that ``torch.load(..., weights_only=True)`` reads.
+        """
         save_state(self.state_dict(), path)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any], model: Source,
                         *, device: torch.device | str | None = None) -> SWAG:
-        """Build a SWAG with the saved configuration for ``model`` and load ``state`` into it."""
+        """Build a SWAG with the saved configuration for ``model`` and load ``state`` into it.
+
+        Returns:
+            A new :class:`SWAG` holding the saved posterior.
+
+        Raises:
+            StateError: not a SWAG state, or a newer format.
+            MismatchError: ``model``'s tensors do not pair with the saved ones.
+        """
         if not isinstance(state, Mapping) or state.get("format") != "weightavg.SWAG":
             raise StateError("state is not a weightavg.SWAG state_dict (missing 'format' key)")
         cfg = state["config"]
@@ -478,7 +586,16 @@ class SWAG:
 
     @classmethod
     def load(cls, path: PathLike, model: Source, *, device: torch.device | str | None = None) -> SWAG:
-        """Read a posterior written by :meth:`save` (``weights_only`` torch load or safetensors)."""
+        """Read a posterior written by :meth:`save` (``weights_only`` torch load or safetensors).
+
+        Returns:
+            A new :class:`SWAG` holding the saved posterior.
+
+        Raises:
+            ConfigError: ``path`` is not an existing file.
+            StateError: not a readable SWAG state (corrupt, truncated, another format).
+            MismatchError: ``model``'s tensors do not pair with the saved ones.
+        """
         return cls.from_state_dict(load_state(path), model, device=device)
 
     def __repr__(self) -> str:
