@@ -15,7 +15,8 @@ The rule (stated for contributors in docs/development.md):
   class's (or its defining class's) example already calls it (``.name(`` appears there).
 - Overrides of a framework's method (a base class outside weightavg defines the same name:
   ``nn.Module.forward``, Lightning ``Callback`` hooks, ``TrainerCallback`` hooks, ``LRScheduler``
-  methods) are exempt: their contract is the framework's.
+  methods; a mixin's methods that the framework class it is combined with defines) are exempt:
+  their contract is the framework's.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def _ours(obj: Any) -> bool:
 
 
 def _methods(cls: type) -> Iterator[tuple[str, Callable[..., Any]]]:
-    foreign = {n for base in cls.__mro__ if not _ours(base) for n in vars(base)}
+    # a mixin's methods override the framework class its subclasses combine it with
+    # (WeightAveragingMixin + transformers.Trainer = WeightAveragingTrainer)
+    family = [cls, *(sub for sub in cls.__subclasses__() if _ours(sub))]
+    foreign = {n for c in family for base in c.__mro__ if not _ours(base) for n in vars(base)}
     seen: set[str] = set()
     for base in cls.__mro__:
         if not _ours(base):

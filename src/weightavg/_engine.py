@@ -259,6 +259,7 @@ class Averager:
             counted) at the next read of the averager.
 
         Raises:
+            ConfigError: ``step`` is not a non-negative int, or is below the previous update's.
             MismatchError: the model's tensors do not pair by name/shape with the tracked ones.
             NonFiniteError: the source holds NaN/Inf and ``nonfinite="raise"`` (host check only;
                 deferred refusals are reported by reads, see :meth:`settle`).

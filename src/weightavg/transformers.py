@@ -199,7 +199,17 @@ class WeightAveraging(TrainerCallback):
             policy.should_update = self.should_update  # type: ignore[method-assign]
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
-        """Whether to update after step ``step_idx`` / epoch ``epoch_idx`` (default: the policy's)."""
+        """Whether to update after step ``step_idx`` / epoch ``epoch_idx`` (default: the policy's).
+
+        Returns:
+            True when the policy's schedule updates the average at that point; always False
+            before training begins (the schedule is resolved against the run's length then).
+
+        Examples:
+            >>> from weightavg.transformers import EMA
+            >>> EMA(half_life="100ba").should_update(step_idx=1)  # not begun yet
+            False
+        """
         return type(self.policy).should_update(self.policy, step_idx=step_idx, epoch_idx=epoch_idx)
 
     @property
@@ -342,6 +352,16 @@ class WeightAveragingMixin(_TrainerBase):
     ``evaluate`` (averaged weights, training weights or both), ``_save`` (the saved model holds
     the averaged weights while training), ``_save_checkpoint`` (writes ``weightavg_state.pt``) and
     ``_load_from_checkpoint`` (restores the training weights and the policies).
+
+    Examples:
+        The mixin combines with any Trainer subclass; building one needs a model, training
+        arguments and a dataset, so only the class line runs here:
+
+        >>> import transformers
+        >>> from weightavg.transformers import WeightAveragingMixin
+        >>> class MyTrainer(WeightAveragingMixin, transformers.Seq2SeqTrainer):
+        ...     pass
+        >>> trainer = MyTrainer(model=model, args=args, train_dataset=ds)  # doctest: +SKIP
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
