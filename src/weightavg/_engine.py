@@ -23,7 +23,7 @@ The engine is split along its seams:
 Layout (why it is fast):
     Tracked tensors are grouped by (source device, source dtype). Each group's averages live in
     one flat buffer per rule (``storage[rule][group]``, float32 by default); each tracked tensor is a
-    view into it. Small tensors (< 64Ki elements) are stored first and updated *packed*: one
+    view into it. Small tensors (< 8Ki elements) are stored first and updated *packed*: one
     ``torch.cat`` gathers them into a bounded scratch buffer (≤ 1Mi elements, allocated once) and one
     ``lerp_`` per rule updates the whole run. Big tensors of the average's own dtype are updated with
     one ``torch._foreach_lerp_`` per rule; others stream through the scratch in chunks. Packed runs

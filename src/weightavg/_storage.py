@@ -29,7 +29,8 @@ from ._names import unwrap_model
 
 __all__ = ["FlatStorage", "make_contiguous"]
 
-_BIG = 1 << 16  # tensors with at least this many elements are not packed
+_BIG = 1 << 13  # tensors with at least this many elements are not packed (benchmarks/update_vs_count.py:
+# from 8Ki elements on, a lerp_ per tensor or one foreach beats gathering them first)
 _CHUNK = 1 << 16  # packed tensors are gathered and applied in runs of at most this many elements
 
 BufferPolicy = Literal["average", "copy", "ignore"]
