@@ -785,3 +785,24 @@ def test_checked_update_gathers_each_packed_source_once_in_bounded_scratch(
     assert counts["raise"] == counts["allow"] * (1 if packed <= scratch else 2)
     largest = max(b.numel() for b in avgs["raise"]._executor.scratch.values())  # type: ignore[attr-defined]
     assert (largest < packed) == (packed > scratch)
+
+
+@pytest.mark.parametrize("bad", ["f32", "f64"])
+def test_nan_is_refused_in_either_dtype_when_many_tensors_are_checked(bad: str) -> None:
+    """More checked tensors than are read one by one (11 > _FEW), in two dtypes: their partial
+    sums are combined per dtype first, and a NaN in either dtype's tensors refuses the update."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f32 = nn.ParameterList(nn.Parameter(torch.ones(10_000)) for _ in range(6))
+            self.f64 = nn.ParameterList(nn.Parameter(torch.ones(10_000, dtype=torch.float64)) for _ in range(5))
+
+    model = Mixed()
+    assert 2 * _executor._FEW > 11 > _executor._FEW
+    avg = wa.Averager(model, rule=wa.ema(decay=0.5), nonfinite="skip")
+    assert avg.update(model)
+    with torch.no_grad():
+        getattr(model, bad)[3][7] = float("nan")
+    assert not avg.update(model)
+    assert (avg.num_updates, avg.num_skipped) == (1, 1)
