@@ -16,7 +16,9 @@ refusals), ``load_counters`` and ``clear_averages``.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -521,18 +523,20 @@ def _probe(t: Tensor, out: list[Tensor]) -> None:
 
 def _total(sums: list[Tensor]) -> Tensor | float:
     """One value that is finite iff every partial value is (no host read here)."""
-    if not sums:
-        return 0.0
-    if len(sums) == 1:
-        return sums[0]
+    match sums:
+        case []:
+            return 0.0  # nothing is checked
+        case [only]:
+            return only
+        case [first, *_]:
+            dev = first.device
     # one stack per (dtype, device), summed in float64 (float16 minima/maxima would overflow a
-    # float16 sum): a few kernels whatever the number of partial values
+    # float16 sum): a few kernels whatever the number of partial values; then the parts added
     by: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for v in sums:
         by.setdefault((v.dtype, v.device), []).append(v)
-    dev = sums[0].device
     parts = [torch.stack(vs).to(dev, torch.float64).sum() for vs in by.values()]
-    return sum(parts[1:], parts[0])  # one part (one dtype) is returned as it is
+    return functools.reduce(operator.add, parts)
 
 
 def _host_total(sums: list[Tensor]) -> Tensor | float:
