@@ -333,3 +333,48 @@ def test_one_batch_gives_the_layers_own_statistics(layer: type) -> None:
     ref.train()(x)
     assert torch.equal(net[1].running_mean, ref[1].running_mean)
     assert torch.equal(net[1].running_var, ref[1].running_var)
+
+
+@pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+def test_a_layer_with_one_buffer_fails_with_torchs_error_and_every_buffer_is_restored(missing: str) -> None:
+    # torch refuses to run a norm layer with one running buffer: recompute_bn must let that error
+    # through (not fail earlier on the missing buffer) and leave every other buffer as it was
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 3), nn.BatchNorm1d(3))
+    setattr(net[3], missing, None)
+    net[1].running_mean.fill_(2.0)
+    net[1].running_var.fill_(3.0)
+    kept = [b.clone() for b in net.buffers()]
+    with pytest.raises(ValueError, match="both be None or neither"):
+        wa.recompute_bn(net, [torch.randn(4, 2)])
+    assert all(torch.equal(a, b) for a, b in zip(kept, net.buffers(), strict=True))
+
+
+def test_under_torch_distributed_only_sync_batchnorm_is_measured_from_its_inputs(tmp_path) -> None:
+    # a process group of one (file store, no network): SyncBatchNorm, whose kernel would pool the
+    # ranks' statistics in its buffers, is measured from its inputs in float64 (it cannot run on the
+    # CPU under torch.distributed, so only the decision is checked); a plain BatchNorm still keeps
+    # its own kernel's statistics, which differ in rounding from the float64 ones on this data
+    import torch.distributed as dist
+
+    from weightavg._bn import _measure_inputs
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed, not already initialised")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 64), nn.BatchNorm1d(64))
+    ref = copy.deepcopy(net)
+    x = torch.randn(9, 5) * 3 + 100
+    assert _measure_inputs(nn.SyncBatchNorm(4)) is False  # not initialised: its buffers are its own
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert _measure_inputs(nn.SyncBatchNorm(4)) is True
+        assert _measure_inputs(nn.BatchNorm1d(4)) is False
+        wa.recompute_bn(net, [x])
+    finally:
+        dist.destroy_process_group()
+    h = ref[0](x).detach().double()
+    ref[1].momentum = 1.0
+    ref.train()(x)
+    assert not torch.equal(h.var(0).float(), ref[1].running_var)  # the two paths differ here
+    assert torch.equal(net[1].running_mean, ref[1].running_mean)
+    assert torch.equal(net[1].running_var, ref[1].running_var)

@@ -753,3 +753,56 @@ def test_contiguous_path_refuses_nonfinite_and_falls_back_when_tiling_breaks() -
     assert avg_b._binder.bindings[id(b)].spans[0] is None  # generic path now
     for n, t in avg_a.averaged_tensors().items():
         assert torch.equal(avg_b.averaged_tensors()[n], t), n
+
+
+@pytest.mark.parametrize("plannable", [True, False], ids=["plan", "general"])
+@pytest.mark.parametrize("scratch", [pytest.param(1000, id="region-above-scratch"),
+                                     pytest.param(1 << 20, id="region-in-scratch")])
+def test_checked_update_gathers_each_packed_source_once_in_bounded_scratch(
+    monkeypatch: pytest.MonkeyPatch, scratch: int, plannable: bool
+) -> None:
+    """A checked update gathers every packed chunk once when the packed region fits the scratch (the
+    check's gathers are kept for the update: as many gathers as an unchecked update); a region above
+    the scratch is gathered again by the update rather than kept (never a scratch of the region's
+    size: no model-sized temporary)."""
+    monkeypatch.setattr(_storage, "_CHUNK", 300)
+    monkeypatch.setattr(_executor, "_SCRATCH", scratch)
+    model = ManySmall()
+    avgs = {nf: wa.Averager(model, rule=wa.ema(decay=0.7), nonfinite=nf) for nf in ("raise", "allow")}
+    for a in avgs.values():
+        a._executor.plannable = plannable  # type: ignore[attr-defined]
+        a.update(model)  # the first update copies
+    cats: list[int] = []
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: (cats.append(1), cat(*a, **k))[1])
+    counts = {}
+    for nf, a in avgs.items():
+        cats.clear()
+        a.update(model)
+        counts[nf] = len(cats)
+    packed = max(g.packed_numel for g in avgs["raise"]._store.groups)  # type: ignore[attr-defined]
+    assert counts["allow"] > 1
+    assert counts["raise"] == counts["allow"] * (1 if packed <= scratch else 2)
+    largest = max(b.numel() for b in avgs["raise"]._executor.scratch.values())  # type: ignore[attr-defined]
+    assert (largest < packed) == (packed > scratch)
+
+
+@pytest.mark.parametrize("bad", ["f32", "f64"])
+def test_nan_is_refused_in_either_dtype_when_many_tensors_are_checked(bad: str) -> None:
+    """More checked tensors than are read one by one (11 > _FEW), in two dtypes: their partial
+    sums are combined per dtype first, and a NaN in either dtype's tensors refuses the update."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f32 = nn.ParameterList(nn.Parameter(torch.ones(10_000)) for _ in range(6))
+            self.f64 = nn.ParameterList(nn.Parameter(torch.ones(10_000, dtype=torch.float64)) for _ in range(5))
+
+    model = Mixed()
+    assert 2 * _executor._FEW > 11 > _executor._FEW
+    avg = wa.Averager(model, rule=wa.ema(decay=0.5), nonfinite="skip")
+    assert avg.update(model)
+    with torch.no_grad():
+        getattr(model, bad)[3][7] = float("nan")
+    assert not avg.update(model)
+    assert (avg.num_updates, avg.num_skipped) == (1, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -169,10 +170,9 @@ def recompute_bn(
             m.train()
             if not stats[m].from_inputs:
                 m.momentum = 1.0  # the buffers become this call's batch statistics
-                if not _uninitialized(m.running_mean):
-                    m.running_mean.zero_()  # a NaN left there would survive 0 * NaN
-                if not _uninitialized(m.running_var):
-                    m.running_var.fill_(1.0)
+                for buf in (m.running_mean, m.running_var):
+                    if not _uninitialized(buf):
+                        buf.zero_()  # a NaN left there would survive 0 * NaN
             hooks.append(m.register_forward_hook(stats[m].hook))
         for batch in itertools.islice(data, num_batches):
             batch = _to(batch, dev)
@@ -222,9 +222,9 @@ def _uninitialized(t: Any) -> bool:
 
 def _measure_inputs(m: Any) -> bool:
     """Whether ``m``'s statistics must be taken from its inputs (its buffers cannot hold them)."""
-    buf = m.running_mean if m.running_mean is not None else m.running_var
     if m.running_mean is None or m.running_var is None:
-        return True
+        return True  # torch refuses to run such a layer: its own error comes from the forward
+    buf = m.running_mean  # both buffers have one dtype
     if not _uninitialized(buf) and buf.dtype not in (torch.float32, torch.float64):
         return True  # a low-precision buffer would round every batch's statistics
     if isinstance(m, nn.SyncBatchNorm):
@@ -253,7 +253,7 @@ class _Stats:
         if self.instance:
             n = int(x.shape[0]) if x.dim() != m._get_no_batch_dim() else 1
         else:
-            n = x.numel() // int(x.shape[1]) if x.dim() > 1 else int(x.shape[0])
+            n = x.shape[0] * math.prod(x.shape[2:])  # values per channel (BatchNorm inputs are (N, C, ...))
         if self.from_inputs:
             self.moments.append(_input_moments(x.detach(), m, self.instance))
         else:
@@ -276,8 +276,10 @@ class _Stats:
 
 def _pooled_var(n: Tensor, means: Tensor, variances: Tensor, mean: Tensor, total: int) -> Tensor:
     """Unbiased variance of the union of groups (``n`` (B, 1) counts, (B, C) means/variances)."""
-    m2 = ((n - 1).clamp_min(0) * variances).sum(0) + (n * (means - mean) ** 2).sum(0)
-    return m2 / (total - 1) if total > 1 else m2
+    # a group of one value (a rank's single sample under SyncBatchNorm) or none (a rank without
+    # data) comes with variance 0, so (n - 1) * variance needs no clamp
+    m2 = ((n - 1) * variances).sum(0) + (n * (means - mean) ** 2).sum(0)
+    return m2 / max(total - 1, 1)  # one value in all: variance 0
 
 
 def _input_moments(x: Tensor, m: Any, instance: bool) -> Tensor:
@@ -288,7 +290,7 @@ def _input_moments(x: Tensor, m: Any, instance: bool) -> Tensor:
             x = x.unsqueeze(0)
         flat = x.flatten(2)
         return torch.stack((flat.mean(dim=2).mean(dim=0), flat.var(dim=2, unbiased=True).mean(dim=0)))
-    flat = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 1 else x.unsqueeze(0)
+    flat = x.transpose(0, 1).reshape(x.shape[1], -1)  # BatchNorm inputs are (N, C, ...)
     var = flat.var(dim=1, unbiased=True) if flat.shape[1] > 1 else torch.zeros_like(flat[:, 0])
     return torch.stack((flat.mean(dim=1), var))
 
@@ -301,29 +303,26 @@ def _pool_across_ranks(layers: list[Any], totals: dict[Any, tuple[int, Tensor, T
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
         return totals
     parts = []
-    sizes = []
     for m in layers:
-        ref = m.running_mean if m.running_mean is not None else m.running_var
+        ref = m.running_mean  # a layer with one buffer cannot have run (torch refuses it)
         c = ref.numel()
         n, mean, var = totals[m]
         if n == 0:
             mean = var = torch.zeros(c, dtype=torch.float64, device=ref.device)
         parts += [torch.tensor([float(n)], dtype=torch.float64, device=ref.device), mean, var]
-        sizes.append(c)
     flat = torch.cat([p.reshape(-1) for p in parts])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, flat, group=group)
     rows = torch.stack(gathered)  # (world, sum over layers of 1 + 2C)
     out = {}
     off = 0
-    for m, c in zip(layers, sizes, strict=True):
+    for m in layers:
+        c = m.running_mean.numel()
         counts = rows[:, off : off + 1]
         means, variances = rows[:, off + 1 : off + 1 + c], rows[:, off + 1 + c : off + 1 + 2 * c]
         off += 1 + 2 * c
+        # a layer no rank reached gets NaN statistics here with count 0, and keeps its buffers
         total = round(float(counts.sum()))
-        if total == 0:
-            out[m] = totals[m]
-            continue
         mean = (counts * means).sum(0) / total
         if isinstance(m, _InstanceNorm):
             var = (counts * variances).sum(0) / total

@@ -16,7 +16,9 @@ refusals), ``load_counters`` and ``clear_averages``.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -42,6 +44,14 @@ _GATHER = 0  # (_GATHER, sources, out): torch.cat(sources, out=out)
 _LERP = 1  # (_LERP, slot, dst, src): dst.lerp_(src, weight[slot])
 _FOREACH = 2  # (_FOREACH, slot, dsts, srcs): torch._foreach_lerp_(dsts, srcs, weight[slot])
 _Op = tuple[Any, ...]
+# zip() over a group's entries and its bound sources needs no strict=: a binding holds one source per
+# entry by construction (a check there could never fail)
+
+
+def _stages(g: _Group) -> bool:
+    """Whether a checked update keeps the gathered packed sources of ``g`` (the whole packed region
+    fits the scratch), so that the update does not gather them again (the one place this is decided)."""
+    return 0 < g.packed_numel <= _SCRATCH
 
 
 @dataclass
@@ -233,7 +243,7 @@ class LocalExecutor(Executor):
                     check.append((None, span))
                 continue
             # the check gathers every packed source into the scratch, so the update need not again
-            keep = checked and 0 < g.packed_numel <= _SCRATCH
+            keep = checked and _stages(g)
             whole = self.scratch_for(g.src_device, g.src_dtype, "gather", g.packed_numel) if keep else None
             for lo, hi, start, stop in g.chunks:
                 part = srcs[lo:hi]
@@ -251,9 +261,9 @@ class LocalExecutor(Executor):
                 big_srcs = srcs[g.n_packed :]
                 for slot, dst in store.items():
                     views = [dst[e.offset : e.offset + e.numel].view(t.shape)
-                             for e, t in zip(big, big_srcs, strict=True)]
+                             for e, t in zip(big, big_srcs)]  # noqa: B905 (a source per entry)
                     if len(big) <= _FEW:  # a few lerp_ calls run fewer distinct code paths than one foreach
-                        ops = [(_LERP, slot, v, t) for v, t in zip(views, big_srcs, strict=True)]
+                        ops = [(_LERP, slot, v, t) for v, t in zip(views, big_srcs)]  # noqa: B905 (a source per entry)
                     else:
                         ops = [(_FOREACH, slot, views, big_srcs)]
                     plain += ops
@@ -322,7 +332,7 @@ class LocalExecutor(Executor):
             if span is not None:
                 _probe(span, sums)
                 continue
-            keep = 0 < g.packed_numel <= _SCRATCH
+            keep = _stages(g)
             for chunk in g.chunks:
                 part = self._gather(g, srcs, chunk, binding.flat[gi], staged=keep)
                 _probe(part, sums)
@@ -375,7 +385,7 @@ class LocalExecutor(Executor):
         for gi, g in enumerate(self.storage.groups):
             if not g.averaged:
                 continue
-            for e, t in zip(g.entries, binding.srcs[gi], strict=True):
+            for e, t in zip(g.entries, binding.srcs[gi]):  # noqa: B905 (a source per entry)
                 if not bool(torch.isfinite(t).all()):
                     bad.append(e.name)
         return bad
@@ -389,7 +399,7 @@ class LocalExecutor(Executor):
             if g.dev == g.src_device and binding.flat[gi]:
                 torch.cat(srcs, out=dst)
             else:
-                for e, t in zip(g.entries, srcs, strict=True):
+                for e, t in zip(g.entries, srcs):  # noqa: B905 (a source per entry)
                     dst[e.offset : e.offset + e.numel].copy_(t.reshape(-1))
 
     def _update_group(
@@ -466,14 +476,14 @@ class LocalExecutor(Executor):
                     if views is None:
                         flat_store = storage[slot][gi]
                         views = [flat_store[e.offset : e.offset + e.numel].view(t.shape)
-                                 for e, t in zip(big, big_srcs, strict=True)]
+                                 for e, t in zip(big, big_srcs)]  # noqa: B905 (a source per entry)
                         binding.big_views[(slot, gi)] = views
                     if w == 1.0:
                         torch._foreach_copy_(views, big_srcs)
                     else:
                         torch._foreach_lerp_(views, big_srcs, w)
             else:
-                for e, t in zip(big, big_srcs, strict=True):
+                for e, t in zip(big, big_srcs):  # noqa: B905 (a source per entry)
                     flat = t.reshape(-1)
                     for a in range(0, e.numel, _BIG_CHUNK):
                         b = min(a + _BIG_CHUNK, e.numel)
@@ -482,7 +492,7 @@ class LocalExecutor(Executor):
             rule = self.rules[slot]
             assert isinstance(rule, _Inplace)
             views = self.storage.slot_views(slot, gi)
-            shaped = [t.view(e.shape) if t.dim() == 1 else t for e, t in zip(g.entries, srcs, strict=True)]
+            shaped = [t.view(e.shape) if t.dim() == 1 else t for e, t in zip(g.entries, srcs)]  # noqa: B905 (a source per entry)
             rule.fn(views, shaped, info.num_averaged)
 
 
@@ -490,7 +500,7 @@ def _pieces(g: _Group, srcs: list[Tensor], span: Tensor | None) -> list[tuple[Te
     """Big sources (or the span) of a group cut in pieces of at most ``_BIG_CHUNK``: (piece, start, stop)."""
     out = []
     whole = [(span, 0)] if span is not None else [
-        (t.reshape(-1), e.offset) for e, t in zip(g.entries[g.n_packed :], srcs[g.n_packed :], strict=True)]
+        (t.reshape(-1), e.offset) for e, t in zip(g.entries[g.n_packed :], srcs[g.n_packed :])]  # noqa: B905 (a source per entry)
     for flat, offset in whole:
         for a in range(0, flat.numel(), _BIG_CHUNK):
             b = min(a + _BIG_CHUNK, flat.numel())
@@ -513,18 +523,20 @@ def _probe(t: Tensor, out: list[Tensor]) -> None:
 
 def _total(sums: list[Tensor]) -> Tensor | float:
     """One value that is finite iff every partial value is (no host read here)."""
-    if not sums:
-        return 0.0
-    if len(sums) == 1:
-        return sums[0]
+    match sums:
+        case []:
+            return 0.0  # nothing is checked
+        case [only]:
+            return only
+        case [first, *_]:
+            dev = first.device
     # one stack per (dtype, device), summed in float64 (float16 minima/maxima would overflow a
-    # float16 sum): a few kernels whatever the number of partial values
+    # float16 sum): a few kernels whatever the number of partial values; then the parts added
     by: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for v in sums:
         by.setdefault((v.dtype, v.device), []).append(v)
-    dev = sums[0].device
     parts = [torch.stack(vs).to(dev, torch.float64).sum() for vs in by.values()]
-    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+    return functools.reduce(operator.add, parts)
 
 
 def _host_total(sums: list[Tensor]) -> Tensor | float:
