@@ -468,6 +468,18 @@ def _nested_torch(
 # ----------------------------------------------------------------------------- averaging
 
 
+def _describe(ema_decay: float | None, last: int | None, weights: Sequence[float] | None,
+              n_inputs: int) -> tuple[str, str]:
+    """The method name and its description, for an output's note and summary."""
+    method = "ema" if ema_decay is not None else ("last_k" if last is not None else "mean")
+    method = "weighted" if weights is not None else method
+    description = {"mean": "uniform average",
+                   "weighted": f"weighted average (weights {[round(w, 6) for w in weights or []]})",
+                   "last_k": f"uniform average of the last {last} of {n_inputs}",
+                   "ema": f"EMA (decay {ema_decay:g})" if ema_decay is not None else ""}[method]
+    return method, description
+
+
 def _nonfinite(tensors: Mapping[str, Tensor], names: Sequence[str]) -> list[str]:
     return [n for n in names if not bool(torch.isfinite(tensors[n]).all())]
 
@@ -606,12 +618,7 @@ def average_checkpoints(
     result = {n: averaged[canonical_name(n)] if n in floating_set else tensors[n] for n in names}
     del averaged, tensors
 
-    method = "ema" if ema_decay is not None else ("last_k" if last is not None else "mean")
-    method = "weighted" if weights is not None else method
-    description = {"mean": "uniform average",
-                   "weighted": f"weighted average (weights {[round(w, 6) for w in weights or []]})",
-                   "last_k": f"uniform average of the last {last} of {len(paths)}",
-                   "ema": f"EMA (decay {ema_decay:g})" if ema_decay is not None else ""}[method]
+    method, description = _describe(ema_decay, last, weights, len(paths))
     copied = [n for n in names if n not in floating_set]
     note: dict[str, Any] = {
         "tool": f"weightavg {__version__}",

@@ -43,6 +43,7 @@ from ._average import (
     _BN_STATS,
     CheckpointError,
     _compare,
+    _describe,
     _dtype_name,
     _Input,
     _normalize_sig,
@@ -218,12 +219,7 @@ def average_streaming(
                 del avg
                 yield n, result
 
-        method = "ema" if ema_decay is not None else ("last_k" if last is not None else "mean")
-        method = "weighted" if weights is not None else method
-        description = {"mean": "uniform average",
-                       "weighted": f"weighted average (weights {[round(w, 6) for w in weights or []]})",
-                       "last_k": f"uniform average of the last {last} of {len(inputs)}",
-                       "ema": f"EMA (decay {ema_decay:g})" if ema_decay is not None else ""}[method]
+        method, description = _describe(ema_decay, last, weights, len(inputs))
         copied = [n for n in names if n not in floating_set]
         notes: list[str] = []
         bn = [n for n in floating if n.rsplit(".", 1)[-1] in _BN_STATS]
