@@ -17,21 +17,22 @@ each timed update (outside the timed region), as after a training step, when eve
 engine's code and data has to come back from memory. The cold numbers are what matters at 1M
 elements in ``benchmarks/update_speed.py``.
 
-To compare two versions of the engine (this process imports one), run the script alternately
-under each, e.g.::
+``--baseline OTHER/src`` also imports the ``weightavg`` package of another checkout (under the name
+``weightavg_baseline``; the package imports itself relatively) and times its update on an identical
+model in the same rounds, alternating with this one's, each timed update cold: the ratio column is
+the median over rounds of this/baseline, which a slow spell of a shared machine hits alike.
 
-    for i in 1 2 3; do
-      PYTHONPATH=/path/to/old/src python benchmarks/update_fixed_cost.py
-      PYTHONPATH=/path/to/new/src python benchmarks/update_fixed_cost.py
-    done
-
-Run: ``python benchmarks/update_fixed_cost.py`` (``--reps``, ``--flush-mib``; one thread).
+Run: ``python benchmarks/update_fixed_cost.py`` (``--reps``, ``--flush-mib``, ``--baseline``; one thread).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
+import importlib.util
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,11 +54,12 @@ def many_tensors() -> nn.Module:
 MODELS: dict[str, Callable[[], nn.Module]] = {"1x4096": one_tensor, "64x64": many_tensors}
 
 
-def configs() -> dict[str, dict[str, Any]]:
+def configs(lib: Any = wa) -> dict[str, dict[str, Any]]:
+    """Averager keyword arguments per row, with rules built by the package ``lib``."""
     return {
-        "ema, checked": {"rule": wa.ema(0.999)},
-        "ema, allow": {"rule": wa.ema(0.999), "nonfinite": "allow"},
-        "ema+mean, checked": {"rule": {"ema": wa.ema(0.999), "mean": wa.mean()}},
+        "ema, checked": {"rule": lib.ema(0.999)},
+        "ema, allow": {"rule": lib.ema(0.999), "nonfinite": "allow"},
+        "ema+mean, checked": {"rule": {"ema": lib.ema(0.999), "mean": lib.mean()}},
     }
 
 
@@ -86,10 +88,53 @@ def timed(update: Callable[[], Any], reps: int, flush: torch.Tensor | None) -> f
     return statistics.median(times)
 
 
+def load_baseline(src: str) -> Any:
+    """The ``weightavg`` package under ``src``, imported as ``weightavg_baseline``."""
+    root = f"{src.rstrip('/')}/weightavg"
+    spec = importlib.util.spec_from_file_location("weightavg_baseline", f"{root}/__init__.py",
+                                                  submodule_search_locations=[root])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["weightavg_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def paired(a: Callable[[], Any], b: Callable[[], Any], reps: int, flush: torch.Tensor) -> tuple[float, float, float]:
+    """Cold medians of ``a`` and ``b`` (seconds) timed alternately, and the median of a/b per round."""
+    ta: list[float] = []
+    tb: list[float] = []
+    for i in range(reps):
+        for f, out in ((a, ta), (b, tb)) if i % 2 else ((b, tb), (a, ta)):
+            flush.fill_(float(i))
+            t0 = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb), statistics.median(x / y for x, y in zip(ta, tb, strict=True))
+
+
+def compare(base: Any, reps: int, flush: torch.Tensor) -> None:
+    print(f"\nthis checkout against {base.__file__}: cold µs per update, alternating, median of {reps}\n")
+    print("| model | config | this | baseline | this / baseline |")
+    print("|---|---|---:|---:|---:|")
+    for mname, make in MODELS.items():
+        for (cname, kw), base_kw in zip(configs().items(), configs(base).values(), strict=True):
+            model = make()
+            twin = copy.deepcopy(model)
+            ours = functools.partial(wa.Averager(model, **kw).update, model)
+            theirs = functools.partial(base.Averager(twin, **base_kw).update, twin)
+            for _ in range(20):
+                ours()
+                theirs()
+            a, b, r = paired(ours, theirs, reps, flush)
+            print(f"| {mname} | {cname} | {a * 1e6:.1f} | {b * 1e6:.1f} | {r:.3f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=2000, help="timed updates per cell (warm); cold: a quarter")
     ap.add_argument("--flush-mib", type=int, default=96, help="size of the cache-flushing buffer (MiB)")
+    ap.add_argument("--baseline", metavar="SRC", help="a checkout's src/ whose weightavg to compare with, cold")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -117,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             fcold = timed(fl, args.reps // 4, flush)
             print(f"| {mname} | {cname} | {warm * 1e6:.1f} | {cold * 1e6:.1f} | {fwarm * 1e6:.1f} | "
                   f"{fcold * 1e6:.1f} |", flush=True)
+    if args.baseline:
+        compare(load_baseline(args.baseline), args.reps // 2, flush)
     return 0
 
 
