@@ -299,16 +299,21 @@ class Averager:
             last = self.last_step
             n = self._num_updates
             since = step - last if last is not None else max(step, 1)
-            weights = {}
             fns = self._weight_fns
-            if fns is not None:  # built-in rules: no UpdateInfo to build (cold, it costs as much as a torch call)
-                info = _UNREAD_INFO
-                for slot, fn in fns:
-                    weights[slot] = fn(n, step, since)
-            else:
+            if fns is None:
                 info = UpdateInfo(n, step, since)
+                weights = {}
                 for slot, r in self.rules.items():
                     weights[slot] = r.weight(info)
+            else:  # built-in rules: no UpdateInfo to build (cold, it costs as much as a torch call)
+                info = _UNREAD_INFO
+                if len(fns) == 1:
+                    slot, fn = fns[0]
+                    weights = {slot: fn(n, step, since)}
+                else:
+                    weights = {}
+                    for slot, fn in fns:
+                        weights[slot] = fn(n, step, since)
             if not self._executor.execute(binding, weights, info):
                 self._num_skipped += 1
                 return False
