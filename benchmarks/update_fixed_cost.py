@@ -119,8 +119,10 @@ def compare(base: Any, reps: int, flush: torch.Tensor) -> None:
     print("|---|---|---:|---:|---:|")
     for mname, make in MODELS.items():
         for (cname, kw), base_kw in zip(configs().items(), configs(base).values(), strict=True):
-            model = make()
-            twin = copy.deepcopy(model)
+            # both deep copies of one model: a freshly built one and its copy lie differently in
+            # memory, which a cold torch.cat of 64 small tensors feels (~5 %, either way)
+            proto = make()
+            model, twin = copy.deepcopy(proto), copy.deepcopy(proto)
             ours = functools.partial(wa.Averager(model, **kw).update, model)
             theirs = functools.partial(base.Averager(twin, **base_kw).update, twin)
             for _ in range(20):
