@@ -100,8 +100,9 @@ def load_baseline(src: str) -> Any:
     return module
 
 
-def paired(a: Callable[[], Any], b: Callable[[], Any], reps: int, flush: torch.Tensor) -> tuple[float, float, float]:
-    """Cold medians of ``a`` and ``b`` (seconds) timed alternately, and the median of a/b per round."""
+def paired(a: Callable[[], Any], b: Callable[[], Any], reps: int,
+           flush: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Cold seconds of ``a`` and ``b``, ``reps`` each, timed alternately (which goes first alternates)."""
     ta: list[float] = []
     tb: list[float] = []
     for i in range(reps):
@@ -110,7 +111,7 @@ def paired(a: Callable[[], Any], b: Callable[[], Any], reps: int, flush: torch.T
             t0 = time.perf_counter()
             f()
             out.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb), statistics.median(x / y for x, y in zip(ta, tb, strict=True))
+    return ta, tb
 
 
 def compare(base: Any, reps: int, flush: torch.Tensor) -> None:
@@ -119,17 +120,29 @@ def compare(base: Any, reps: int, flush: torch.Tensor) -> None:
     print("|---|---|---:|---:|---:|")
     for mname, make in MODELS.items():
         for (cname, kw), base_kw in zip(configs().items(), configs(base).values(), strict=True):
-            # both deep copies of one model: a freshly built one and its copy lie differently in
-            # memory, which a cold torch.cat of 64 small tensors feels (~5 %, either way)
+            # where the models, averages and scratch lie in memory shows in cold times (a fresh model
+            # and its deep copy differ by ~5 % on 64 tensors): half the rounds on one pair of
+            # averagers, half on a second pair built in the other order on the other model
             proto = make()
-            model, twin = copy.deepcopy(proto), copy.deepcopy(proto)
-            ours = functools.partial(wa.Averager(model, **kw).update, model)
-            theirs = functools.partial(base.Averager(twin, **base_kw).update, twin)
-            for _ in range(20):
-                ours()
-                theirs()
-            a, b, r = paired(ours, theirs, reps, flush)
-            print(f"| {mname} | {cname} | {a * 1e6:.1f} | {b * 1e6:.1f} | {r:.3f} |", flush=True)
+            models = [copy.deepcopy(proto), copy.deepcopy(proto)]
+            ta: list[float] = []
+            tb: list[float] = []
+            for flip in (False, True):
+                builds = [(wa, models[0], kw), (base, models[1], base_kw)]
+                if flip:  # the baseline first, on the first model
+                    builds = [(base, models[0], base_kw), (wa, models[1], kw)]
+                made: dict[Any, Callable[[], Any]] = {}
+                for lib, model, options in builds:
+                    made[lib] = functools.partial(lib.Averager(model, **options).update, model)
+                for _ in range(20):
+                    made[wa]()
+                    made[base]()
+                a, b = paired(made[wa], made[base], reps // 2, flush)
+                ta += a
+                tb += b
+            r = statistics.median(x / y for x, y in zip(ta, tb, strict=True))
+            print(f"| {mname} | {cname} | {statistics.median(ta) * 1e6:.1f} | {statistics.median(tb) * 1e6:.1f} | "
+                  f"{r:.3f} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
