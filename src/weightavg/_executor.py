@@ -123,8 +123,8 @@ def make_executor(
     sources snapshotted, the update folded in by a worker thread while training goes on) when the
     averages live on the host and the sources on an accelerator, unless ``check="host"``; otherwise a
     :class:`LocalExecutor` (``"allow"`` needs no check, so it never reads the host either). For the
-    local shards of a sharded model, their siblings :class:`weightavg._sharded.ShardedDeferredExecutor` (the device flag all-reduced
-    without a host read) and :class:`weightavg._sharded.ShardedExecutor` (host check, one
+    local shards of a sharded model, their siblings
+    :class:`weightavg._sharded.ShardedDeferredExecutor` (the device flag all-reduced without a host read) and :class:`weightavg._sharded.ShardedExecutor` (host check, one
     all-reduced flag per checked update), chosen by the same rule.
 
     Raises:
