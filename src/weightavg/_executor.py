@@ -124,8 +124,9 @@ def make_executor(
     averages live on the host and the sources on an accelerator, unless ``check="host"``; otherwise a
     :class:`LocalExecutor` (``"allow"`` needs no check, so it never reads the host either). For the
     local shards of a sharded model, their siblings
-    :class:`weightavg._sharded.ShardedDeferredExecutor` (the device flag all-reduced without a host read) and :class:`weightavg._sharded.ShardedExecutor` (host check, one
-    all-reduced flag per checked update), chosen by the same rule.
+    :class:`weightavg._sharded.ShardedDeferredExecutor` (the device flag all-reduced without a host
+    read) and :class:`weightavg._sharded.ShardedExecutor` (host check, one all-reduced flag per
+    checked update), chosen by the same rule.
 
     Raises:
         ConfigError: ``check="deferred"`` with a configuration the deferred check cannot run.
