@@ -119,19 +119,26 @@ def make_executor(
 
     A :class:`~weightavg._deferred.DeferredExecutor` (the non-finite check stays on the device) when
     asked (``check="deferred"``), or by default when the averages and sources all live on one CUDA
-    device and every rule has a device form; otherwise a :class:`LocalExecutor` (``"allow"`` needs no
-    check, so it never reads the host either). For the local shards of a sharded model, their
-    siblings :class:`weightavg._sharded.ShardedDeferredExecutor` (the device flag all-reduced
-    without a host read) and :class:`weightavg._sharded.ShardedExecutor` (host check, one
-    all-reduced flag per checked update), chosen by the same rule.
+    device and every rule has a device form; an :class:`~weightavg._overlap.OverlappedExecutor` (the
+    sources snapshotted, the update folded in by a worker thread while training goes on) when the
+    averages live on the host and the sources on an accelerator, unless ``check="host"``; otherwise a
+    :class:`LocalExecutor` (``"allow"`` needs no check, so it never reads the host either). For the
+    local shards of a sharded model, their siblings
+    :class:`weightavg._sharded.ShardedDeferredExecutor` (the device flag all-reduced without a host
+    read) and :class:`weightavg._sharded.ShardedExecutor` (host check, one all-reduced flag per
+    checked update), chosen by the same rule.
 
     Raises:
         ConfigError: ``check="deferred"`` with a configuration the deferred check cannot run.
     """
     from ._deferred import DeferredExecutor, supports_deferred
+    from ._overlap import OverlappedExecutor, offloaded
     from ._sharded import ShardedDeferredExecutor, ShardedExecutor
 
     host = ShardedExecutor if storage.sharded else LocalExecutor
+    if check != "host" and offloaded(storage):
+        # averages on the host, sources on an accelerator: the update runs beside training
+        return OverlappedExecutor(storage, rules, nonfinite)
     if check == "host" or nonfinite == "allow":
         return host(storage, rules, nonfinite)
     devices = {g.dev for g in storage.groups} | {g.src_device for g in storage.groups}
