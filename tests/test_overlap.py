@@ -129,6 +129,7 @@ def test_update_returns_before_the_arithmetic_and_reads_wait_for_it(monkeypatch:
     model = make_model()
     ov, ref = pair(model, wa.ema(0.5))
     drive(model, [ov, ref], 2)
+    ov.settle()  # the second update has landed before its worker's executor is replaced
     ex = ov._executor
     assert isinstance(ex, _overlap.OverlappedExecutor)
     gate, started = threading.Event(), threading.Event()
@@ -140,7 +141,7 @@ def test_update_returns_before_the_arithmetic_and_reads_wait_for_it(monkeypatch:
         return real(*a, **k)
 
     monkeypatch.setattr(ex.inner, "execute", held)
-    before = ov._store.flat["default"][0].clone()  # the raw storage, read without settling
+    before = ov._store.flat["default"][0].clone()  # the raw storage (read below without settling)
     drive(model, [ov, ref], 1, start=10)  # returns while the worker is held
     assert started.wait(10)
     in_flight = ex._thread
@@ -157,6 +158,7 @@ def test_an_error_in_the_worker_is_raised_at_the_next_read_and_nothing_is_counte
     model = make_model()
     ov, ref = pair(model, wa.ema(0.5))
     drive(model, [ov, ref], 2)
+    ov.settle()  # the second update has landed before its worker's executor is replaced
     ex = ov._executor
     assert isinstance(ex, _overlap.OverlappedExecutor)
     real = ex.inner.execute
