@@ -175,6 +175,30 @@ def test_the_kernel_under_the_interpreter() -> None:
     assert "passed" in summary and "skipped" not in summary and "failed" not in summary, tail
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (optional: pip install triton)")
+@pytest.mark.skipif(INTERP, reason="compiles for a GPU: not under the interpreter")
+@pytest.mark.parametrize(("dtype", "weight"), [("fp32", "fp32"), ("fp64", "fp64"), ("fp16", "fp32"), ("bf16", "fp32")])
+def test_the_kernel_compiles_for_an_h100(dtype: str, weight: str) -> None:
+    # what the interpreter cannot show: Triton lowers the kernel to PTX and ptxas (bundled with
+    # triton) assembles it for sm_90, with the one explicit FMA and, for aligned pieces whose
+    # length is a multiple of 16, 128-bit loads and stores; no GPU is needed to compile
+    from triton import compile as compile_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from weightavg._fused_triton import _BLOCK, _masked_lerp_kernel
+
+    aligned = [["tt.divisibility", 16]]
+    src = ASTSource(fn=_masked_lerp_kernel, signature={
+        "dst_ptr": f"*{dtype}", "src_ptr": f"*{dtype}", "w_ptr": f"*{weight}", "ok_ptr": "*u8", "n": "i32",
+        "BLOCK": "constexpr", "BF16": "constexpr"}, constexprs={"BLOCK": _BLOCK, "BF16": dtype == "bf16"},
+        attrs={(i,): aligned for i in range(5)})
+    compiled = compile_kernel(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+    ptx = compiled.asm["ptx"]
+    assert len(compiled.asm["cubin"]) > 0
+    assert "fma.rn" in ptx and "st.global.v" in ptx and ("ld.global.v4" in ptx or "ld.global.v2" in ptx)
+
+
 # ---------------------------------------------------------------- the self-check and the fallbacks (no triton)
 
 

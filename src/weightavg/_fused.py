@@ -28,7 +28,8 @@ flag false, NaN and Inf in the new values, the average must keep its bits. If it
 (Triton missing a compiler, a driver error), that (device, dtype) takes the eager path for the rest
 of the process, with one ``RuntimeWarning`` saying why. The self-check reads one bool from the
 device (allowed under ``torch.cuda.set_sync_debug_mode``, once); during CUDA-graph capture it is not
-run and the eager path is used. GPU speed: not yet measured.
+run and the eager path is used. The kernel is compiled at its first launch per dtype (Triton keeps
+it in its on-disk cache). GPU speed: not yet measured.
 """
 
 from __future__ import annotations
