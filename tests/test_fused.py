@@ -269,6 +269,13 @@ def off_by_ulps(dst: Tensor, src: Tensor, weight: Tensor, ok: Tensor) -> None:
     dst.mul_(torch.where(ok, 1 + 4 * torch.finfo(dst.dtype).eps, 1.0).to(dst.dtype))
 
 
+def spilling(dst: Tensor, src: Tensor, weight: Tensor, ok: Tensor) -> None:
+    """Right inside its piece, but it also writes the element after it (where there is one)."""
+    _fused.eager_masked_lerp_(dst, src, weight, ok)
+    if dst.storage_offset() + dst.numel() < dst.untyped_storage().nbytes() // dst.element_size():
+        torch.as_strided(dst, (dst.numel() + 1,), (1,))[-1:].add_(ok.to(dst.dtype))
+
+
 def raising(dst: Tensor, src: Tensor, weight: Tensor, ok: Tensor) -> None:
     raise RuntimeError("PTX compilation failed (simulated)")
 
@@ -299,7 +306,8 @@ def test_a_trusted_kernel_runs_every_masked_update(on_cpu: None, monkeypatch: py
         dev, ref = run_pair(dtype)
     rules, pieces = 4, fused_ops(dev)
     assert pieces >= rules and pieces % rules == 0
-    assert calls[0] == 2 * len(_fused._CHECK_WEIGHTS) + 6 * pieces  # the self-check's, then one per piece and rule
+    self_check = 2 * len(_fused._CHECK_WEIGHTS) * len(_fused._CHECK_PIECES)
+    assert calls[0] == self_check + 6 * pieces  # then one per piece, rule and update
     assert not any(k[2] == "masked" for k in dev._executor.scratch)  # no scratch for a fused update
     assert_same(dev, ref)  # the stand-in is the eager update: bitwise
 
@@ -308,6 +316,7 @@ def test_a_trusted_kernel_runs_every_masked_update(on_cpu: None, monkeypatch: py
     (garbage, "differs from the eager update"),
     (off_by_ulps, "differs from the eager update"),
     (leaky, "flag false it changed the average"),
+    (spilling, "wrote outside its piece"),
     (raising, "raised RuntimeError: PTX compilation failed"),
 ])
 def test_a_kernel_failing_its_self_check_falls_back_with_one_warning(
