@@ -12,23 +12,27 @@ select, never a multiplication by zero).
 **Arithmetic.** The lerp is ATen's formula (``|w| < 0.5 ? a + w·(b − a) : b − (b − a)·(1 − w)``),
 computed in the weight's dtype (the average's; float32 for a float16/bfloat16 average, then rounded
 to nearest even), with the product and the sum rounded once (an FMA). Torch's eager CUDA kernel is
-the same formula; whether its compiler contracts it into an FMA is not promised, so the two may
-differ by the rounding of that one product: ``|fused − eager| ≤ ε_w·|c·(b − a)| + ε_avg·|eager|``
-plus the smallest subnormal (``c`` is ``w`` or ``1 − w``, ``ε`` the machine epsilon of the weight's
-and of the average's dtype). Under Triton's interpreter it equals torch's CPU ``lerp`` bitwise.
+the same formula; whether its compiler contracts it into an FMA is not promised (the kernel itself
+contracts nothing else: ``enable_fp_fusion=False``), so the two may differ by the rounding of that
+one product and of the result: ``|fused − eager| ≤ ε_w·|c·(b − a)| + ε_avg·|eager|`` plus the
+smallest subnormal (``c`` is ``w`` or ``1 − w``, ``ε`` the machine epsilon of the weight's and of
+the average's dtype). Under Triton's interpreter it equals an exact rational evaluation of the
+formula rounded once (tests/test_fused.py), and torch's CPU ``lerp`` bitwise where that uses an FMA.
 
 **When it is used.** Only for CUDA tensors (:data:`_DEVICE_TYPES`), contiguous, float32, float64,
 float16 or bfloat16, with ``triton`` importable. ``triton`` is imported at the first such update,
 never by ``import weightavg``. Everything else takes the eager path, which the CPU keeps (bitwise as
 before). This kernel has never run on a GPU where it was written, so it is trusted on a device only
 after a **self-check**, once per (device, dtype) and process, at the first update that would use it:
-on a few thousand elements (several programs, a ragged end), for weights 0, tiny, < 0.5, 0.5, > 0.5,
-1, with the flag true it must agree with the eager update within the rounding above, and with the
-flag false, NaN and Inf in the new values, the average must keep its bits. If it differs, or raises
+on pieces of a few thousand elements (aligned or not, of a length a multiple of 16 or not, and
+one element: the variants Triton compiles apart; several programs, a ragged end), for weights 0,
+tiny, < 0.5, 0.5, > 0.5, 1, with the flag true it must agree with the eager update within the
+rounding above, with the flag false, NaN and Inf in the new values, the average must keep its bits,
+and nothing outside the piece may change. If it differs, or raises
 (Triton missing a compiler, a driver error), that (device, dtype) takes the eager path for the rest
-of the process, with one ``RuntimeWarning`` saying why. The self-check reads one bool from the
-device (allowed under ``torch.cuda.set_sync_debug_mode``, once); during CUDA-graph capture it is not
-run and the eager path is used. The kernel is compiled at its first launch per dtype (Triton keeps
+of the process, with one ``RuntimeWarning`` saying why. The self-check reads two numbers from
+the device, once (``torch.cuda.set_sync_debug_mode`` is switched off meanwhile); during CUDA-graph
+capture it is not run and the eager path is used. The kernel is compiled at its first launch per dtype (Triton keeps
 it in its on-disk cache). GPU speed: not yet measured.
 """
 
@@ -50,7 +54,10 @@ _COMPUTE = {torch.float32: torch.float32, torch.float64: torch.float64,
             torch.float16: torch.float32, torch.bfloat16: torch.float32}
 _DEVICE_TYPES: tuple[str, ...] = ("cuda",)  # a test hook: ("cuda", "cpu") under Triton's interpreter
 _TRUSTED: dict[tuple[torch.device, torch.dtype], bool] = {}  # self-check verdicts
-_CHECK_N = 5003  # elements of the self-check: three programs of the kernel, the last one ragged
+_CHECK_N = 5003  # elements of the self-check's tensors
+# (start, stop) of the pieces it updates: the variants Triton compiles apart (16-byte aligned or not,
+# a length a multiple of 16 or not, one element), three programs of the kernel with a ragged end
+_CHECK_PIECES = ((0, 4112), (0, 5003), (1, 5002), (2, 3))
 _CHECK_WEIGHTS = (0.0, 1e-7, 0.1, 0.25, 0.4999999, 0.5, 0.5000001, 0.75, 0.9999999, 1.0)
 
 
@@ -192,7 +199,10 @@ def allowed_error(a: Tensor, b: Tensor, weight: Tensor, eager: Tensor) -> Tensor
 
 
 def _disagreement(device: torch.device, dtype: torch.dtype) -> str:
-    """Empty if the kernel agrees with the eager update on :func:`check_data`, else what differs."""
+    """Empty if the kernel agrees with the eager update on :func:`check_data`, else what differs.
+
+    Each weight is tried on every piece of :data:`_CHECK_PIECES` (the variants Triton compiles
+    separately); outside the piece the average must keep its bits."""
     a, b, bad = check_data(device, dtype)
     cd = compute_dtype(dtype)
     launch = _kernel()
@@ -202,18 +212,22 @@ def _disagreement(device: torch.device, dtype: torch.dtype) -> str:
     worst = torch.zeros((), dtype=torch.float64, device=device)
     for wv in _CHECK_WEIGHTS:
         w = torch.tensor(wv, dtype=cd, device=device)
-        got, want = a.clone(), a.clone()
-        launch(got, b, w, yes)
-        eager_masked_lerp_(want, b, w, yes)
-        excess = (got.double() - want.double()).abs() - allowed_error(a, b, w, want)
-        excess = torch.where(excess.isnan(), torch.full_like(excess, float("inf")), excess)  # NaN: a failure
-        worst = torch.maximum(worst, excess.max())
-        kept = a.clone()
-        launch(kept, bad, w, no)
-        fine &= (kept.view(torch.uint8) == a.view(torch.uint8)).all()
+        for lo, hi in _CHECK_PIECES:
+            got, want = a.clone(), a.clone()
+            launch(got[lo:hi], b[lo:hi], w, yes)
+            eager_masked_lerp_(want[lo:hi], b[lo:hi], w, yes)
+            allowed = torch.zeros(a.shape, dtype=torch.float64, device=device)
+            allowed[lo:hi] = allowed_error(a[lo:hi], b[lo:hi], w, want[lo:hi])
+            excess = (got.double() - want.double()).abs() - allowed
+            excess = torch.where(excess.isnan(), torch.full_like(excess, float("inf")), excess)  # NaN: a failure
+            worst = torch.maximum(worst, excess.max())
+            kept = a.clone()
+            launch(kept[lo:hi], bad[lo:hi], w, no)
+            fine &= (kept.view(torch.uint8) == a.view(torch.uint8)).all()
     kept_bits, excess = torch.stack([fine.to(torch.float64), worst]).tolist()  # the one host read
     if not kept_bits:
         return "with the finite flag false it changed the average (the new values held NaN/Inf)"
     if excess > 0:
-        return f"it differs from the eager update by more than the rounding of one product (by {excess:.3g} more)"
+        return (f"it differs from the eager update by more than the rounding of one product, or wrote outside "
+                f"its piece (by {excess:.3g} more)")
     return ""
