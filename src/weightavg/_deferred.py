@@ -24,9 +24,11 @@ executor evaluates the function for each possible value and selects on the devic
 :data:`_MAX_PENDING` unsettled updates it settles (one read). In-place rules and user-defined rule
 classes need the host check.
 
-The masked update is eager torch (two kernels per chunk and rule, the chunk staying in cache);
-a fused kernel (``torch.compile`` of the masked lerp) is not used, so that ``import weightavg`` and
-the first update stay fast.
+The masked update is one Triton kernel per piece and rule on CUDA where :mod:`weightavg._fused`
+trusts it (``triton`` importable, a self-check passed on that device and dtype at the first update),
+and eager torch otherwise, always on CPU (two kernels per chunk and rule, the chunk staying in
+cache; five for a float16/bfloat16 average). ``torch.compile`` is not used, so that
+``import weightavg`` and the first update stay fast.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _fused
 from ._binding import _Binding, is_module_binding
 from ._executor import _BIG_CHUNK, _SCRATCH, LocalExecutor, NonFinitePolicy, _probe, _total
 from ._rules import Rule, UpdateInfo, _Custom, _Ema, _EmaWarmup, _Karras, _Mean
@@ -55,6 +58,7 @@ _SQ = 2  # (_SQ, value, out): torch.mul(value, value, out=out)
 _MLERP = 3  # (_MLERP, weight key, average, value, scratch): masked lerp
 _PROBE = 4  # (_PROBE, tensor): partial values of the check
 _MLERP_HALF = 5  # (_MLERP_HALF, weight key, average, value, scratch, float32 scratch, float32 scratch)
+_FUSED = 6  # (_FUSED, weight key, average, value, launch): the masked lerp in one kernel (_fused)
 _HALF = (torch.float16, torch.bfloat16)  # averages a lerp_ with a Python weight computes in float32
 _Op = tuple[Any, ...]
 
@@ -182,6 +186,8 @@ class DeferredExecutor(LocalExecutor):
                 dst, tmp = op[2], op[4]
                 torch.lerp(dst, op[3], w[op[1]], out=tmp)
                 torch.where(ok, tmp, dst, out=dst)
+            elif code == _FUSED:
+                op[4](op[2], op[3], w[op[1]], ok)
             elif code == _CAT:
                 torch.cat(op[1], out=op[2])
             elif code == _MLERP_HALF:  # as lerp_ does with a Python weight: in float32, rounded once
@@ -290,9 +296,14 @@ class DeferredExecutor(LocalExecutor):
         if squares:
             sq = self.scratch_for(g.dev, g.dtype, "square", n)
             apply.append((_SQ, value, sq))
-        tmp = self.scratch_for(g.dev, g.dtype, "masked", n)
+        tmp = None
         for slot, dst in store.items():
             v = sq if self.rules[slot].power == 2 and sq is not None else value
+            if _fused.fusable(dst[start:stop], v):  # never on CPU; self-checked on first use
+                apply.append((_FUSED, (slot, _fused.compute_dtype(g.dtype)), dst[start:stop], v, _fused.launcher()))
+                continue
+            if tmp is None:
+                tmp = self.scratch_for(g.dev, g.dtype, "masked", n)
             if g.dtype in _HALF:
                 a32 = self.scratch_for(g.dev, torch.float32, "masked", n)
                 b32 = self.scratch_for(g.dev, torch.float32, "masked value", n)
