@@ -13,6 +13,7 @@ _OPTIONAL = {
     "src/weightavg/lightning.py": ("lightning",),
     "src/weightavg/transformers.py": ("transformers", "accelerate"),
     "src/weightavg/demo": ("numpy", "mnist1d", "sklearn"),
+    "src/weightavg/_fused_triton.py": ("triton",),
 }
 
 collect_ignore = [path for path, deps in _OPTIONAL.items()

@@ -137,9 +137,63 @@ def test_cpu_offload_equals_the_on_device_average(nonfinite: str) -> None:
     for slot in rules:
         assert all(v.device.type == "cpu" for v in off.averaged_tensors(slot).values())
     assert_close(off, on, tol=1e-6)
-    if DEVICE == "cuda":
-        scratch = off._executor.scratch  # type: ignore[attr-defined]
-        assert any(buf.is_pinned() for (dev, _, _), buf in scratch.items() if dev.type == "cpu")
+    if DEVICE == "cuda":  # the update ran beside the caller, through pinned staging
+        assert off.check == "deferred"
+        staging = off._executor.staging  # type: ignore[attr-defined]
+        assert staging and all(buf.is_pinned() for buf in staging if buf is not None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rule", [*RULES, "several"])
+def test_overlapped_offload_takes_the_value_at_the_update(rule: str) -> None:
+    # the training stream overwrites the parameters right after each update (big kernels queued
+    # behind the copies): the snapshot must hold the values as of the update, under every rule
+    rules = {k: f() for k, f in RULES.items()} if rule == "several" else RULES[rule]()
+    model = model_on("cuda")
+    off = wa.Averager(model, rule=rules, device="cpu", nonfinite="skip")
+    ref = wa.Averager(model_on("cpu"), rule=rules, nonfinite="skip", check="host")
+    host = model_on("cpu")
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), host.parameters(), strict=True):
+                step = torch.randn(p.shape, generator=g)
+                p.add_(step.cuda())
+                q.add_(step)
+            if i == 3:
+                model[0].weight[0, 0] = float("nan")
+                host[0].weight[0, 0] = float("nan")
+        off.update(model, step=3 * i + 1)
+        ref.update(host, step=3 * i + 1)
+        with torch.no_grad():
+            for _ in range(20):  # queued at once, behind the snapshot's copies
+                for p in model.parameters():
+                    p.mul_(1.01).nan_to_num_(0.0)
+            model[0].weight.nan_to_num_(0.0)
+            for p in model.parameters():
+                p.div_(1.01 ** 20)
+            host[0].weight.nan_to_num_(0.0)
+        for p, q in zip(model.parameters(), host.parameters(), strict=True):
+            with torch.no_grad():
+                q.copy_(p.cpu())
+    assert off.num_skipped == 1 and off.num_updates == 7
+    assert_close(off, ref, tol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_in_the_callers_thread_with_offload() -> None:
+    model = model_on("cuda")
+    avg = wa.Averager(model, rule={"m": wa.mean(), "e": wa.ema(0.99)}, device="cpu")
+    avg.update(model)  # staging allocated
+    avg.settle()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(100):
+            avg.update(model)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert avg.num_updates == 101
 
 
 def test_swapped_in_and_state_on_the_device() -> None:

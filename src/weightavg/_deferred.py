@@ -24,9 +24,11 @@ executor evaluates the function for each possible value and selects on the devic
 :data:`_MAX_PENDING` unsettled updates it settles (one read). In-place rules and user-defined rule
 classes need the host check.
 
-The masked update is eager torch (two kernels per chunk and rule, the chunk staying in cache);
-a fused kernel (``torch.compile`` of the masked lerp) is not used, so that ``import weightavg`` and
-the first update stay fast.
+The masked update is one Triton kernel per piece and rule on CUDA where :mod:`weightavg._fused`
+trusts it (``triton`` importable, a self-check passed on that device and dtype at the first update),
+and eager torch otherwise, always on CPU (two kernels per chunk and rule, the chunk staying in
+cache; five for a float16/bfloat16 average). ``torch.compile`` is not used, so that
+``import weightavg`` and the first update stay fast.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _fused
 from ._binding import _Binding, is_module_binding
-from ._executor import _BIG_CHUNK, _SCRATCH, LocalExecutor, NonFinitePolicy, _probe, _total
+from ._executor import _BIG_CHUNK, _SCRATCH, LocalExecutor, NonFinitePolicy, _probe, _total, source_pieces
 from ._rules import Rule, UpdateInfo, _Custom, _Ema, _EmaWarmup, _Karras, _Mean
 from ._storage import FlatStorage, _Group
 
@@ -55,6 +58,8 @@ _SQ = 2  # (_SQ, value, out): torch.mul(value, value, out=out)
 _MLERP = 3  # (_MLERP, weight key, average, value, scratch): masked lerp
 _PROBE = 4  # (_PROBE, tensor): partial values of the check
 _MLERP_HALF = 5  # (_MLERP_HALF, weight key, average, value, scratch, float32 scratch, float32 scratch)
+_FUSED = 6  # (_FUSED, weight key, average, value, launch): the masked lerp in one kernel (_fused)
+_COPYIN = 7  # (_COPYIN, sources, out views): torch._foreach_copy_ (non-contiguous small sources)
 _HALF = (torch.float16, torch.bfloat16)  # averages a lerp_ with a Python weight computes in float32
 _Op = tuple[Any, ...]
 
@@ -86,6 +91,18 @@ def device_weight(rule: Rule, n: Tensor, last: Tensor, step: int) -> Tensor:
         beta = torch.pow(prev / max(step, 1), rule.gamma + 1.0)
         return torch.where(first | (prev <= 0), one, 1 - beta)
     raise TypeError(f"no device form for {rule!r}")
+
+
+def _gather_op(g: _Group, srcs: list[Tensor], flat: bool, lo: int, hi: int, start: int, out: Tensor) -> _Op:
+    """The op that gathers the packed run ``srcs[lo:hi]`` (stored from ``start``) into ``out``
+    when the update runs. Non-contiguous sources are copied in through views of ``out`` shaped like
+    them: a ``reshape(-1)`` here would copy them once, when the plan is built, and the plan would
+    read that stale copy ever after."""
+    if flat:
+        return (_CAT, srcs[lo:hi], out)
+    views = [out[e.offset - start : e.offset - start + e.numel].view(t.shape)
+             for e, t in zip(g.entries[lo:hi], srcs[lo:hi], strict=True)]
+    return (_COPYIN, srcs[lo:hi], views)
 
 
 def _cpu_layout(device: torch.device) -> bool:
@@ -160,6 +177,8 @@ class DeferredExecutor(LocalExecutor):
         for op in check:
             if op[0] == _CAT:
                 torch.cat(op[1], out=op[2])
+            elif op[0] == _COPYIN:
+                torch._foreach_copy_(op[2], op[1])
             else:
                 _probe(op[1], sums)
         total = _total(sums)
@@ -182,8 +201,12 @@ class DeferredExecutor(LocalExecutor):
                 dst, tmp = op[2], op[4]
                 torch.lerp(dst, op[3], w[op[1]], out=tmp)
                 torch.where(ok, tmp, dst, out=dst)
+            elif code == _FUSED:
+                op[4](op[2], op[3], w[op[1]], ok)
             elif code == _CAT:
                 torch.cat(op[1], out=op[2])
+            elif code == _COPYIN:
+                torch._foreach_copy_(op[2], op[1])
             elif code == _MLERP_HALF:  # as lerp_ does with a Python weight: in float32, rounded once
                 dst, tmp, a32, b32 = op[2], op[4], op[5], op[6]
                 a32.copy_(dst)
@@ -246,11 +269,11 @@ class DeferredExecutor(LocalExecutor):
                 check.append((_PROBE, span))
             else:
                 flat_srcs = binding.flat[gi]
+
                 if 0 < g.packed_numel <= _SCRATCH:
                     whole = self.scratch_for(g.src_device, g.src_dtype, "staged", g.packed_numel)
                     for lo, hi, start, stop in g.chunks:
-                        part = srcs[lo:hi] if flat_srcs else [t.reshape(-1) for t in srcs[lo:hi]]
-                        check.append((_CAT, part, whole[start:stop]))
+                        check.append(_gather_op(g, srcs, flat_srcs, lo, hi, start, whole[start:stop]))
                         if on_cpu:  # while the run is in cache
                             check.append((_PROBE, whole[start:stop]))
                     if not on_cpu:
@@ -258,19 +281,16 @@ class DeferredExecutor(LocalExecutor):
                     sources.append((whole, 0))
                 else:  # too many small tensors to keep: gathered again for the update
                     for lo, hi, start, stop in g.chunks:
-                        part = srcs[lo:hi] if flat_srcs else [t.reshape(-1) for t in srcs[lo:hi]]
                         buf = self.scratch_for(g.src_device, g.src_dtype, "gather", stop - start)
-                        check += [(_CAT, part, buf), (_PROBE, buf)]
-                        apply.append((_CAT, part, buf))
+                        op = _gather_op(g, srcs, flat_srcs, lo, hi, start, buf)
+                        check += [op, (_PROBE, buf)]
+                        apply.append(op)
                         self._masked_ops(apply, g, store, buf, start, stop, squares)
                 for e, t in zip(g.entries[g.n_packed :], srcs[g.n_packed :], strict=True):
-                    flat = t.reshape(-1)
-                    check.append((_PROBE, flat))
-                    sources.append((flat, e.offset))
-            for flat, offset in sources:
-                for a in range(0, flat.numel(), piece):
-                    b = min(a + piece, flat.numel())
-                    pieces.append((flat[a:b], offset + a, offset + b))
+                    check.append((_PROBE, t))
+                    sources.append((t, e.offset))
+            for src, offset in sources:
+                pieces += source_pieces(src, offset, piece)
             for value, start, stop in pieces:
                 self._masked_ops(apply, g, store, value, start, stop, squares)
         if is_module_binding(binding):  # a mapping's binding lives for one update
@@ -280,22 +300,30 @@ class DeferredExecutor(LocalExecutor):
 
     def _masked_ops(self, apply: list[_Op], g: _Group, store: dict[str, Tensor], value: Tensor,
                     start: int, stop: int, squares: bool) -> None:
-        """Append the masked update of ``store[slot][start:stop]`` by ``value`` for every rule."""
-        n = stop - start
+        """Append the masked update of ``store[slot][start:stop]`` by ``value`` for every rule
+        (``value``: a flat piece, or a block of rows of a non-contiguous source, see
+        :func:`~weightavg._executor.source_pieces`; the average and the scratch take its shape)."""
+        n, shape = stop - start, value.shape
         if not g.direct:
-            conv = self.scratch_for(g.dev, g.dtype, "convert", n)
+            conv = self.scratch_for(g.dev, g.dtype, "convert", n).view(shape)
             apply.append((_CONV, value, conv))
             value = conv
         sq = None
         if squares:
-            sq = self.scratch_for(g.dev, g.dtype, "square", n)
+            sq = self.scratch_for(g.dev, g.dtype, "square", n).view(shape)
             apply.append((_SQ, value, sq))
-        tmp = self.scratch_for(g.dev, g.dtype, "masked", n)
-        for slot, dst in store.items():
+        tmp = None
+        for slot, flat in store.items():
+            dst = flat[start:stop].view(shape)
             v = sq if self.rules[slot].power == 2 and sq is not None else value
+            if _fused.fusable(dst, v):  # never on CPU; self-checked on first use
+                apply.append((_FUSED, (slot, _fused.compute_dtype(g.dtype)), dst, v, _fused.launcher()))
+                continue
+            if tmp is None:
+                tmp = self.scratch_for(g.dev, g.dtype, "masked", n).view(shape)
             if g.dtype in _HALF:
-                a32 = self.scratch_for(g.dev, torch.float32, "masked", n)
-                b32 = self.scratch_for(g.dev, torch.float32, "masked value", n)
-                apply.append((_MLERP_HALF, (slot, torch.float32), dst[start:stop], v, tmp, a32, b32))
+                a32 = self.scratch_for(g.dev, torch.float32, "masked", n).view(shape)
+                b32 = self.scratch_for(g.dev, torch.float32, "masked value", n).view(shape)
+                apply.append((_MLERP_HALF, (slot, torch.float32), dst, v, tmp, a32, b32))
             else:
-                apply.append((_MLERP, (slot, g.dtype), dst[start:stop], v, tmp))
+                apply.append((_MLERP, (slot, g.dtype), dst, v, tmp))

@@ -96,7 +96,11 @@ class Averager:
             device, and refusals are reported at the next read of the averager: ``num_updates``,
             ``num_skipped``, ``state_dict``, ``swapped_in``, exports, ``summary`` or :meth:`settle`),
             or ``"auto"`` (default: deferred when everything lives on one CUDA device and every
-            rule is a built-in one, host otherwise).
+            rule is a built-in one, host otherwise). Averages on the host of a model on an
+            accelerator (``device="cpu"``) are updated beside training unless ``check="host"``:
+            ``update()`` queues a copy of the sources into a pinned host buffer and returns, a
+            worker thread folds it in, and the next update or read waits for it (refusals are
+            reported at that read, as with ``"deferred"``; every rule works).
             On a sharded model the check also all-reduces one flag over the world (every rank must
             update together), so that every rank refuses or skips alike; the deferred check
             all-reduces the device flag without a host read, the host check reads it.

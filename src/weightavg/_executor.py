@@ -119,19 +119,26 @@ def make_executor(
 
     A :class:`~weightavg._deferred.DeferredExecutor` (the non-finite check stays on the device) when
     asked (``check="deferred"``), or by default when the averages and sources all live on one CUDA
-    device and every rule has a device form; otherwise a :class:`LocalExecutor` (``"allow"`` needs no
-    check, so it never reads the host either). For the local shards of a sharded model, their
-    siblings :class:`weightavg._sharded.ShardedDeferredExecutor` (the device flag all-reduced
-    without a host read) and :class:`weightavg._sharded.ShardedExecutor` (host check, one
-    all-reduced flag per checked update), chosen by the same rule.
+    device and every rule has a device form; an :class:`~weightavg._overlap.OverlappedExecutor` (the
+    sources snapshotted, the update folded in by a worker thread while training goes on) when the
+    averages live on the host and the sources on an accelerator, unless ``check="host"``; otherwise a
+    :class:`LocalExecutor` (``"allow"`` needs no check, so it never reads the host either). For the
+    local shards of a sharded model, their siblings
+    :class:`weightavg._sharded.ShardedDeferredExecutor` (the device flag all-reduced without a host
+    read) and :class:`weightavg._sharded.ShardedExecutor` (host check, one all-reduced flag per
+    checked update), chosen by the same rule.
 
     Raises:
         ConfigError: ``check="deferred"`` with a configuration the deferred check cannot run.
     """
     from ._deferred import DeferredExecutor, supports_deferred
+    from ._overlap import OverlappedExecutor, offloaded
     from ._sharded import ShardedDeferredExecutor, ShardedExecutor
 
     host = ShardedExecutor if storage.sharded else LocalExecutor
+    if check != "host" and offloaded(storage):
+        # averages on the host, sources on an accelerator: the update runs beside training
+        return OverlappedExecutor(storage, rules, nonfinite)
     if check == "host" or nonfinite == "allow":
         return host(storage, rules, nonfinite)
     devices = {g.dev for g in storage.groups} | {g.src_device for g in storage.groups}
@@ -311,9 +318,11 @@ class LocalExecutor(Executor):
         else:
             buf = self.scratch_for(g.src_device, g.src_dtype, "gather", stop - start)
         part = srcs[lo:hi]
-        if not flat:  # non-contiguous sources (rare): slow path
-            part = [t.reshape(-1) for t in part]
-        torch.cat(part, out=buf)
+        if flat:
+            torch.cat(part, out=buf)
+        else:  # non-contiguous sources among them: copied in through views shaped like them
+            torch._foreach_copy_([buf[e.offset - start : e.offset - start + e.numel].view(t.shape)
+                                  for e, t in zip(g.entries[lo:hi], part)], part)  # noqa: B905 (a source per entry)
         return buf
 
     def _check(self, binding: _Binding) -> tuple[dict[int, Tensor], Tensor | float]:
@@ -368,7 +377,7 @@ class LocalExecutor(Executor):
             what, start, stop = pieces[i]
             if isinstance(what, tuple):  # a packed chunk: gather on the device
                 what = staged[start:stop] if staged is not None else self._gather(g, srcs, what, binding.flat[gi])
-            bufs[i % 2][: stop - start].copy_(what, non_blocking=True)
+            bufs[i % 2][: stop - start].view(what.shape).copy_(what, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record()
             events[i % 2] = ev
@@ -400,7 +409,7 @@ class LocalExecutor(Executor):
                 torch.cat(srcs, out=dst)
             else:
                 for e, t in zip(g.entries, srcs):  # noqa: B905 (a source per entry)
-                    dst[e.offset : e.offset + e.numel].copy_(t.reshape(-1))
+                    dst[e.offset : e.offset + e.numel].view(t.shape).copy_(t)
 
     def _update_group(
         self,
@@ -418,13 +427,14 @@ class LocalExecutor(Executor):
         squares = any(self.rules[s].power == 2 for s in lerp_slots)
 
         def apply(value: Tensor, start: int, stop: int) -> None:
+            # value: a flat piece, or a block of rows of a non-contiguous source (see source_pieces)
             sq: Tensor | None = None
             for slot, w in lerp_slots.items():
-                dst = storage[slot][gi][start:stop]
+                dst = storage[slot][gi][start:stop].view(value.shape)
                 v = value
                 if self.rules[slot].power == 2:
                     if sq is None:
-                        sq = self.scratch_for(g.dev, g.dtype, "square", stop - start)
+                        sq = self.scratch_for(g.dev, g.dtype, "square", stop - start).view(value.shape)
                         torch.mul(value, value, out=sq)
                     v = sq
                 if w == 1.0:
@@ -435,7 +445,7 @@ class LocalExecutor(Executor):
         def to_avg_dtype(value: Tensor) -> Tensor:
             if g.direct:
                 return value
-            conv = self.scratch_for(g.dev, g.dtype, "convert", value.numel())
+            conv = self.scratch_for(g.dev, g.dtype, "convert", value.numel()).view(value.shape)
             conv.copy_(value, non_blocking=False)
             return conv
 
@@ -484,10 +494,8 @@ class LocalExecutor(Executor):
                         torch._foreach_lerp_(views, big_srcs, w)
             else:
                 for e, t in zip(big, big_srcs):  # noqa: B905 (a source per entry)
-                    flat = t.reshape(-1)
-                    for a in range(0, e.numel, _BIG_CHUNK):
-                        b = min(a + _BIG_CHUNK, e.numel)
-                        apply(to_avg_dtype(flat[a:b]), e.offset + a, e.offset + b)
+                    for value, a, b in source_pieces(t, e.offset, _BIG_CHUNK):
+                        apply(to_avg_dtype(value), a, b)
         for slot in inplace_slots:
             rule = self.rules[slot]
             assert isinstance(rule, _Inplace)
@@ -497,15 +505,33 @@ class LocalExecutor(Executor):
 
 
 def _pieces(g: _Group, srcs: list[Tensor], span: Tensor | None) -> list[tuple[Tensor, int, int]]:
-    """Big sources (or the span) of a group cut in pieces of at most ``_BIG_CHUNK``: (piece, start, stop)."""
+    """Big sources (or the span) of a group cut in pieces of about ``_BIG_CHUNK``: (piece, start, stop)."""
+    if span is not None:
+        return source_pieces(span, 0, _BIG_CHUNK)
     out = []
-    whole = [(span, 0)] if span is not None else [
-        (t.reshape(-1), e.offset) for e, t in zip(g.entries[g.n_packed :], srcs[g.n_packed :])]  # noqa: B905 (a source per entry)
-    for flat, offset in whole:
-        for a in range(0, flat.numel(), _BIG_CHUNK):
-            b = min(a + _BIG_CHUNK, flat.numel())
-            out.append((flat[a:b], offset + a, offset + b))
+    for e, t in zip(g.entries[g.n_packed :], srcs[g.n_packed :]):  # noqa: B905 (a source per entry)
+        out += source_pieces(t, e.offset, _BIG_CHUNK)
     return out
+
+
+def source_pieces(t: Tensor, offset: int, piece: int) -> list[tuple[Tensor, int, int]]:
+    """Views of the source ``t`` stored at ``offset``, in pieces of about ``piece`` elements:
+    (view, start, stop), the view's elements in the storage's (row-major) order.
+
+    A 1-D source is cut into flat slices. A non-contiguous one of two or more dimensions (a
+    ``channels_last`` convolution weight, a transposed parameter) is cut into blocks of whole rows
+    along dim 0, shaped (a row longer than ``piece`` is one piece): each is a *view*, read when the
+    update runs. (``t.reshape(-1)`` would copy such a tensor, and a copy taken when an update plan
+    is built would never see the tensor change again.)
+    """
+    if t.dim() <= 1 or t.is_contiguous():
+        flat = t.reshape(-1)  # a view
+        return [(flat[a : min(a + piece, flat.numel())], offset + a, offset + min(a + piece, flat.numel()))
+                for a in range(0, flat.numel(), piece)]
+    row = t[0].numel()
+    rows = max(1, piece // max(row, 1))
+    return [(t[a : min(a + rows, t.shape[0])], offset + a * row, offset + min(a + rows, t.shape[0]) * row)
+            for a in range(0, t.shape[0], rows)]
 
 
 def _probe(t: Tensor, out: list[Tensor]) -> None:

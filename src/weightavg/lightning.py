@@ -220,6 +220,7 @@ class WeightAveraging(Callback):
                            if isinstance(n_batches, (int, float)) and math.isfinite(n_batches) and n_batches > 0
                            else None)
         self._configure(trainer)
+        self._check_sharded_key(trainer, pl_module)
         self.policy.begin(
             model, optimizers, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
             bn_data=self._bn_data if self._bn_data is not None else _TrainBatches(trainer),
@@ -234,6 +235,26 @@ class WeightAveraging(Callback):
 
     def _configure(self, trainer: pl.Trainer) -> None:
         """Settle arguments that depend on the trainer (hook for subclasses)."""
+
+    def _check_sharded_key(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A sharded model's averages go into the distributed checkpoint under
+        ``weightavg.<policy name>.``: refuse, before the first step, a key another averaging callback
+        or the model already uses (at save time it would cost the run up to that checkpoint)."""
+        if not any(is_dtensor(p) for p in pl_module.parameters()):
+            return
+        key = self._sharded_key()
+        host: Any = trainer  # Trainer.callbacks is a plain attribute the stubs do not declare
+        for other in host.callbacks:
+            if other is not self and isinstance(other, WeightAveraging) and other._sharded_key() == key:
+                raise bad_arg("policy.name", self.policy.name,
+                              f"a name no other averaging callback uses (two policies named {self.policy.name!r} "
+                              f"would both save their sharded averages under the checkpoint key {key!r}; "
+                              "e.g. EMA(..., name='ema2'))")
+        taken = next((n for n, _ in [*pl_module.named_parameters(), *pl_module.named_buffers()]
+                      if n == key or n.startswith(key + ".")), None)
+        if taken is not None:
+            raise bad_arg("policy.name", self.policy.name,
+                          f"a name whose checkpoint key {key!r} the model does not use (it has a tensor {taken!r})")
 
     @staticmethod
     def _global_step(trainer: pl.Trainer) -> Callable[[], int]:

@@ -19,6 +19,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from weightavg import ConfigError  # noqa: E402
 from weightavg.cli._main import main  # noqa: E402
 from weightavg.lightning import EMA  # noqa: E402
 
@@ -139,3 +140,34 @@ def test_model_parallel_strategy_resume_inside_the_window_equals_an_uninterrupte
     for n, t in straight[0]["saved"].items():
         assert torch.equal(exported[n], t), n
 
+
+
+class Steps(pl.Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.steps += 1
+
+
+def _clash(rank: int, world: int, ckpt: str) -> dict[str, Any]:
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world))
+    steps = Steps()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world,
+        strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[EMA(smoothing=0.8), EMA(smoothing=0.9), steps])
+    try:
+        trainer.fit(Module(), train_dataloaders=_data())
+    except ConfigError as err:
+        return {"error": str(err), "steps": steps.steps}
+    return {"error": None, "steps": steps.steps}
+
+
+def test_two_policies_with_one_name_are_refused_before_the_first_step(tmp_path: Path) -> None:
+    # both would save their shards under "weightavg.ema." in the distributed checkpoint
+    for r in run_ranks(_clash, 2, tmp_path, str(tmp_path / "ck"), timeout=180):
+        assert r["steps"] == 0, r
+        assert r["error"] is not None and "policy.name='ema'" in r["error"] and "name='ema2'" in r["error"], r

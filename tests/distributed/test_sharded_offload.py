@@ -100,6 +100,45 @@ def test_offloaded_sharded_average_keeps_the_local_shard_on_the_host(tmp_path) -
         assert r["aliases"]
 
 
+def _overlapped(rank: int, world: int) -> dict[str, object]:
+    from weightavg import _overlap
+
+    _overlap.OVERLAP_ON_CPU = True  # the accelerator's path (snapshot, worker thread), on CPU
+    model = _model()
+    ref = wa.Averager(model, rule=RULES, device="cpu", check="host", nonfinite="skip")
+    off = wa.Averager(model, rule=RULES, device="cpu", nonfinite="skip")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(rank)
+    for i in range(6):
+        model(torch.randn(6, 4, generator=g)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        w = model[0].weight.to_local()
+        if i == 2 and rank == 1:  # a NaN in rank 1's shard only
+            with torch.no_grad():
+                w.view(-1)[0] = float("nan")
+        for a in (ref, off):
+            a.update(model, step=2 * i + 1)
+        with torch.no_grad():
+            w.nan_to_num_(0.0)
+            for p in model.parameters():  # changed right after the update, before the worker runs
+                p.mul_(0.9)
+    out: dict[str, object] = {"kind": type(off._executor).__name__,
+                              "private_group": off._executor.group is not None}  # type: ignore[attr-defined]
+    out["counts"] = (off.num_updates, off.num_skipped, ref.num_updates, ref.num_skipped)
+    out["equal"] = all(torch.equal(off.averaged_tensors(s)[n].to_local(), t.to_local())
+                       for s in RULES for n, t in ref.averaged_tensors(s).items())
+    return out
+
+
+@pytest.mark.distributed
+def test_overlapped_offload_refuses_a_rank_local_nan_on_every_rank(tmp_path) -> None:
+    for r in run_ranks(_overlapped, 2, tmp_path):
+        assert r["kind"] == "OverlappedExecutor" and r["private_group"], r
+        assert r["counts"] == (5, 1, 5, 1), r  # both ranks refused the update rank 1 saw NaN in
+        assert r["equal"], r
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 
@@ -116,8 +155,7 @@ def _cuda_offload(rank: int, world: int, path: str) -> dict[str, object]:
                                       rtol=1e-6, atol=1e-7)
                        for s in RULES for n, t in on.averaged_tensors(s).items())
     out["on_host"] = all(f.device.type == "cpu" for slot in RULES for f in off._store.flat[slot])
-    out["scratch_pinned"] = [buf.is_pinned() for (dev, _, _), buf in off._executor.scratch.items()
-                             if dev.type == "cpu"]
+    out["scratch_pinned"] = [buf.is_pinned() for buf in off._executor.staging if buf is not None]
     out["views_on_host"] = all(t.to_local().device.type == "cpu" for t in off.averaged_tensors("ema").values()
                                if isinstance(t, DTensor))
     full = off.export_state_dict(full=True, cpu=True)
