@@ -2,7 +2,9 @@
 
 References are slow float64 loops over the snapshots written here: the mean of squares for
 ``power=2`` on each storage path (packed small tensors, big tensors, contiguous sources), an
-in-place-only rule set, skipped non-finite updates, and ``update(step=)``.
+in-place-only rule set, skipped non-finite updates, and ``update(step=)``. The built-in rules'
+fast path (weights from three ints, no ``UpdateInfo`` per update) against each rule's ``weight`` of
+the documented ``UpdateInfo``, counted here.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import weightavg as wa
@@ -370,3 +374,100 @@ def test_nan_in_any_dtype_group_is_refused(culprit: str) -> None:
     for _ in range(2):  # the first after a copy, then the planned update
         with pytest.raises(wa.NonFiniteError, match=culprit):
             avg.update(model)
+
+
+# ----------------------------------------------------------------------------- the built-in rules' fast path
+# update() weighs the built-in rules from (num_averaged, step, since) ints, without an UpdateInfo;
+# any other rule object, a subclass included, is asked weight(UpdateInfo(...)) itself.
+
+
+def built_in_rules() -> dict[str, wa.Rule]:
+    """One rule of every built-in kind (and every form of ema), keyed by a slot name."""
+    return {
+        "mean": wa.mean(), "mean2": wa.mean(power=2), "ema": wa.ema(0.9), "half_life": wa.ema(half_life=3.0),
+        "schedule": wa.ema(lambda s: s / (s + 10)), "warmup": wa.ema_warmup(power=0.75, start_step=2),
+        "karras": wa.karras_ema(gamma=2.0), "custom": wa.custom(lambda n: 1 / (n + 2)),
+        "inplace": wa.inplace(lambda avg, new, n: None),
+    }
+
+
+def same_weight(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(n=st.integers(0, 50), step=st.integers(0, 10_000), since=st.integers(0, 10_000))
+def test_a_built_in_rules_fast_weight_is_its_weight_of_the_update_info(n: int, step: int, since: int) -> None:
+    for name, rule in built_in_rules().items():
+        fast = rule._weight(n, step, since)  # type: ignore[attr-defined]
+        assert same_weight(fast, rule.weight(wa.UpdateInfo(n, step, since))), name
+
+
+def spy_weights(avg: wa.Averager) -> list[dict[str, float]]:
+    """The weights each update hands the executor (recorded on the instance)."""
+    seen: list[dict[str, float]] = []
+    ex = avg._executor
+    real = ex.execute
+
+    def execute(binding, weights, info):  # type: ignore[no-untyped-def]
+        seen.append(dict(weights))
+        return real(binding, weights, info)
+
+    ex.execute = execute  # type: ignore[method-assign]
+    return seen
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(first=st.integers(0, 4), gaps=st.lists(st.integers(0, 6), min_size=1, max_size=7))
+def test_the_weights_of_built_in_rules_are_those_of_the_documented_update_info(first: int, gaps: list[int]) -> None:
+    # the reference counts updates and steps here and asks each rule weight(UpdateInfo(...))
+    steps = [first]
+    for g in gaps:
+        steps.append(steps[-1] + g)
+    lin = nn.Linear(2, 2)
+    rules = built_in_rules()
+    singles = {name: wa.Averager(lin, rule=rule) for name, rule in rules.items()}  # one rule: a dict literal
+    # several: a loop without an UpdateInfo; with an in-place rule the executor reads one
+    multi = wa.Averager(lin, rule={name: r for name, r in rules.items() if name != "inplace"})
+    with_inplace = wa.Averager(lin, rule=rules)
+    seen = {name: spy_weights(a) for name, a in singles.items()}
+    seen_multi = spy_weights(multi)
+    seen_with_inplace = spy_weights(with_inplace)
+    expected: list[dict[str, float]] = []
+    last = None
+    for n, step in enumerate(steps):
+        info = wa.UpdateInfo(n, step, step - last if last is not None else max(step, 1))
+        expected.append({name: rule.weight(info) for name, rule in rules.items()})
+        last = step
+        for a in (*singles.values(), multi, with_inplace):
+            assert a.update(lin, step=step) is True
+    for name in rules:
+        got = [w["default"] for w in seen[name]]
+        want = [w[name] for w in expected]
+        assert all(same_weight(g, w) for g, w in zip(got, want, strict=True)), (name, got, want)
+    for records, slots in ((seen_multi, [k for k in rules if k != "inplace"]), (seen_with_inplace, list(rules))):
+        assert len(records) == len(expected)
+        for got_w, want_w in zip(records, expected, strict=True):
+            assert list(got_w) == slots
+            assert all(same_weight(got_w[k], want_w[k]) for k in slots), (got_w, want_w)
+
+
+def test_a_subclass_of_a_built_in_rule_is_asked_its_own_weight_with_an_update_info() -> None:
+    seen: list[wa.UpdateInfo] = []
+
+    class Halves(type(wa.ema(0.9))):  # type: ignore[misc]
+        """A user's subclass overriding weight: each update moves halfway."""
+
+        def weight(self, info: wa.UpdateInfo) -> float:
+            seen.append(info)
+            return 1.0 if info.num_averaged == 0 else 0.5
+
+    lin = nn.Linear(1, 1, bias=False)
+    avg = wa.Averager(lin, rule=Halves(decay=0.9), dtype=torch.float64)
+    for step, v in ((2, 4.0), (5, 8.0), (6, 0.0)):
+        with torch.no_grad():
+            lin.weight.fill_(v)
+        avg.update(lin, step=step)
+    assert float(avg.averaged_tensors()["weight"]) == 3.0  # 4 → (4+8)/2 = 6 → (6+0)/2 = 3 (decay 0.9: 3.96)
+    assert seen == [wa.UpdateInfo(0, 2, 2), wa.UpdateInfo(1, 5, 3), wa.UpdateInfo(2, 6, 1)]
+    assert all(type(i) is wa.UpdateInfo for i in seen)

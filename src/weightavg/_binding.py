@@ -56,9 +56,10 @@ def _dead_ref() -> None:
 
 
 # ids of the modules that registered (or replaced) a parameter, buffer or submodule, in order; the
-# generation is _BASE[0] + len(_LOG) (older entries are dropped: bindings older than them rebind)
+# generation is _GEN[0] == _BASE[0] + len(_LOG) (older entries are dropped: bindings older than them rebind)
 _LOG: list[int] = []
 _BASE = [0]
+_GEN = [0]  # _BASE[0] + len(_LOG), set by _bump (one read on the hot path)
 _KEEP = 1 << 12
 _HOOKS: list[Any] = []
 
@@ -68,11 +69,12 @@ def _bump(module: nn.Module, name: str, value: object) -> None:
     if len(_LOG) > 2 * _KEEP:
         del _LOG[:_KEEP]
         _BASE[0] += _KEEP
+    _GEN[0] = _BASE[0] + len(_LOG)
 
 
 def _current(binding: _Binding) -> bool:
     """False when one of the binding's modules registered something since it was collected."""
-    now = _BASE[0] + len(_LOG)
+    now = _GEN[0]
     if binding.generation == now:
         return True
     start = binding.generation - _BASE[0]
@@ -86,7 +88,7 @@ def _current(binding: _Binding) -> bool:
 
 
 def _install_hooks() -> None:
-    """Install torch's global registration hooks once (they only bump :data:`_GENERATION`)."""
+    """Install torch's global registration hooks once (they only log in :data:`_LOG` and bump :data:`_GEN`)."""
     if not _HOOKS:
         from torch.nn.modules import module as m
 
@@ -127,9 +129,13 @@ class Binder:
         last = self.last
         # the common case first, in as few steps as possible (with the cache cold after a training
         # step every line costs memory accesses): the module of the previous update, unchanged
-        if (last is not None and last.model_ref() is source and last.generation == _BASE[0] + len(_LOG)
-                and _in_place(last)):
-            return last
+        # (_in_place inlined: no call)
+        if last is not None and last.model_ref() is source and last.generation == _GEN[0]:
+            for probe, fp in last.checks:
+                if probe.data_ptr() != fp:
+                    break
+            else:
+                return last
         if isinstance(source, nn.Module):
             b = self.bindings.get(id(unwrap_model(source)))
             if b is not None and _current(b) and b.model_ref() is not None and _in_place(b):
@@ -160,7 +166,7 @@ class Binder:
                     )
                 row.append(t.detach().reshape(-1) if t.is_contiguous() else t.detach())
             srcs.append(row)
-        generation = _BASE[0] + len(_LOG)
+        generation = _GEN[0]
         fingerprint = [p.data_ptr() if p is not None else 0 for p in probes]
         flat = [all(t.dim() == 1 for t in row) for row in srcs]
         spans: list[Tensor | None] = []

@@ -50,15 +50,21 @@ from torch import Tensor, nn
 from ._binding import Binder, _Binding, is_stale
 from ._errors import ConfigError, MismatchError, NonFiniteError, StateError, bad_arg, describe_mismatch
 from ._exchange import Swap
-from ._executor import CheckMode, NonFinitePolicy, make_executor
+from ._executor import CheckMode, LocalExecutor, NonFinitePolicy, make_executor
 from ._names import Source, canonical_name, named_tensors, source_tensors, state_dict_names, tied_names, unwrap_model
-from ._rules import Rule, UpdateInfo
-from ._sharded import ShardedBinder, ShardedStorage, has_dtensor, refuse_sharded
+from ._rules import Rule, UpdateInfo, WeightFn, _Inplace, weight_fns
+from ._sharded import ShardedBinder, ShardedExecutor, ShardedStorage, has_dtensor, refuse_sharded
 from ._storage import BufferPolicy, FlatStorage, make_contiguous
 
 __all__ = ["Averager", "canonical_name", "make_contiguous", "named_tensors", "unwrap_model"]
 
 FORMAT_VERSION = 1
+
+
+#: the same C function as ``torch.is_inference_mode_enabled``, without the lookup in torch's namespace
+_inference_mode_enabled = torch.is_inference_mode_enabled
+#: what ``update`` passes to an executor that reads no UpdateInfo (never a real one: all fields -1)
+_UNREAD_INFO = UpdateInfo(-1, -1, -1)
 
 
 class Averager:
@@ -224,6 +230,11 @@ class Averager:
         with torch.inference_mode(False):
             self._executor = make_executor(self._store, self.rules, nonfinite, check)
         self.check: CheckMode = "deferred" if self._executor.deferred else "host"
+        # built-in rules are weighed from three ints, with no UpdateInfo built per update, where
+        # nothing reads one: the host executors read it only for an in-place rule (num_averaged)
+        self._weight_fns: list[tuple[str, WeightFn]] | None = (
+            weight_fns(self.rules) if type(self._executor) in (LocalExecutor, ShardedExecutor)
+            and not any(isinstance(r, _Inplace) for r in self.rules.values()) else None)
 
         # copied tensors of a module source are read lazily (see sync_copies)
         self._pending_copy: _Binding | None = None
@@ -269,7 +280,7 @@ class Averager:
                 deferred refusals are reported by reads, see :meth:`settle`).
             StateError: called inside :meth:`swapped_in` (the average is in the model then).
         """
-        if torch.is_inference_mode_enabled():
+        if _inference_mode_enabled():
             # views and scratch made under inference mode could not be written outside it later
             with torch.inference_mode(False):
                 return self.update(model, step=step)
@@ -290,10 +301,23 @@ class Averager:
             self._executor.execute(binding, {}, UpdateInfo(0, step, 0))
         else:
             last = self.last_step
-            info = UpdateInfo(self._num_updates, step, step - last if last is not None else max(step, 1))
-            weights = {}
-            for slot, r in self.rules.items():
-                weights[slot] = r.weight(info)
+            n = self._num_updates
+            since = step - last if last is not None else max(step, 1)
+            fns = self._weight_fns
+            if fns is None:
+                info = UpdateInfo(n, step, since)
+                weights = {}
+                for slot, r in self.rules.items():
+                    weights[slot] = r.weight(info)
+            else:  # built-in rules: no UpdateInfo to build (cold, it costs as much as a torch call)
+                info = _UNREAD_INFO
+                if len(fns) == 1:
+                    slot, fn = fns[0]
+                    weights = {slot: fn(n, step, since)}
+                else:
+                    weights = {}
+                    for slot, fn in fns:
+                        weights[slot] = fn(n, step, since)
             if not self._executor.execute(binding, weights, info):
                 self._num_skipped += 1
                 return False

@@ -13,7 +13,7 @@ tensors, are the escape hatch for anything that is not a weighted interpolation.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -106,7 +106,10 @@ class _Mean:
     power: int = 1
 
     def weight(self, info: UpdateInfo) -> float:
-        return 1.0 / (info.num_averaged + 1)
+        return self._weight(info.num_averaged, info.step, info.steps_since_last)
+
+    def _weight(self, num_averaged: int, step: int, since: int) -> float:
+        return 1.0 / (num_averaged + 1)
 
     def config(self) -> dict[str, Any]:
         return {"kind": "mean", "power": self.power}
@@ -153,18 +156,24 @@ class _Ema:
     power: int = 1
 
     def current_decay(self, info: UpdateInfo) -> float:
+        return self._decay(info.step, info.steps_since_last)
+
+    def _decay(self, step: int, since: int) -> float:
         if self.half_life is not None:
             # interval-aware: k steps since the last update count as k half-life steps
-            return float(2.0 ** (-info.steps_since_last / self.half_life))
+            return float(2.0 ** (-since / self.half_life))
         if self.schedule is not None:
-            return _check_decay("decay(step)", self.schedule(info.step))
+            return _check_decay("decay(step)", self.schedule(step))
         assert self.decay is not None
         return self.decay
 
     def weight(self, info: UpdateInfo) -> float:
-        if info.num_averaged == 0:
+        return self._weight(info.num_averaged, info.step, info.steps_since_last)
+
+    def _weight(self, num_averaged: int, step: int, since: int) -> float:
+        if num_averaged == 0:
             return 1.0
-        return 1.0 - self.current_decay(info)
+        return 1.0 - self._decay(step, since)
 
     def config(self) -> dict[str, Any]:
         if self.half_life is not None:
@@ -254,9 +263,12 @@ class _EmaWarmup:
         return min(max(d, self.min_decay), self.max_decay)
 
     def weight(self, info: UpdateInfo) -> float:
-        if info.num_averaged == 0:
+        return self._weight(info.num_averaged, info.step, info.steps_since_last)
+
+    def _weight(self, num_averaged: int, step: int, since: int) -> float:
+        if num_averaged == 0:
             return 1.0
-        return 1.0 - self.current_decay(info.step)
+        return 1.0 - self.current_decay(step)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -368,9 +380,12 @@ class _Karras:
     power: int = 1
 
     def weight(self, info: UpdateInfo) -> float:
-        t = info.step
-        prev = t - info.steps_since_last
-        if info.num_averaged == 0 or prev <= 0:
+        return self._weight(info.num_averaged, info.step, info.steps_since_last)
+
+    def _weight(self, num_averaged: int, step: int, since: int) -> float:
+        t = step
+        prev = t - since
+        if num_averaged == 0 or prev <= 0:
             return 1.0
         # average with weights ∝ τ^γ over [0, t]: mass up to t ∝ t^(γ+1)
         beta = (prev / t) ** (self.gamma + 1.0)
@@ -427,9 +442,12 @@ class _Custom:
     power: int = 1
 
     def weight(self, info: UpdateInfo) -> float:
-        if info.num_averaged == 0:
+        return self._weight(info.num_averaged, info.step, info.steps_since_last)
+
+    def _weight(self, num_averaged: int, step: int, since: int) -> float:
+        if num_averaged == 0:
             return 1.0
-        w = float(self.fn(info.num_averaged))
+        w = float(self.fn(num_averaged))
         if not 0.0 <= w <= 1.0:
             raise bad_arg("weight_fn(num_averaged)", w, "a weight in [0, 1]")
         return w
@@ -477,7 +495,10 @@ class _Inplace:
     power: int = 1
 
     def weight(self, info: UpdateInfo) -> float:
-        return 1.0 if info.num_averaged == 0 else math.nan
+        return self._weight(info.num_averaged, info.step, info.steps_since_last)
+
+    def _weight(self, num_averaged: int, step: int, since: int) -> float:
+        return 1.0 if num_averaged == 0 else math.nan
 
     def config(self) -> dict[str, Any]:
         return {"kind": "inplace", "name": self.name}
@@ -510,3 +531,24 @@ def inplace(fn: InplaceFn, *, name: str | None = None) -> Rule:
     if not callable(fn):
         raise bad_arg("fn", fn, "a callable (averaged: list[Tensor], new: list[Tensor], n: int) -> None")
     return _Inplace(fn, name or str(getattr(fn, "__name__", "inplace")))
+
+
+#: the built-in rules: their ``_weight(num_averaged, step, since)`` is ``weight(UpdateInfo(num_averaged,
+#: step, since))`` without building the :class:`UpdateInfo` (``weight`` calls it)
+_BUILTIN: tuple[type, ...] = (_Mean, _Ema, _EmaWarmup, _Karras, _Custom, _Inplace)
+
+#: ``(num_averaged, step, steps_since_last) -> weight``
+WeightFn = Callable[[int, int, int], float]
+
+
+def weight_fns(rules: Mapping[str, Rule]) -> list[tuple[str, WeightFn]] | None:
+    """Each slot's weight as a function of three ints (a bound method), when every rule is built in.
+
+    Returns:
+        ``[(slot, fn), ...]`` in the rules' order, or None when a rule is not one of the built-in
+        ones (a user's object, or a subclass, which may override ``weight``): such a rule is asked
+        ``weight(UpdateInfo(...))`` itself.
+    """
+    if not all(type(r) in _BUILTIN for r in rules.values()):
+        return None
+    return [(slot, r._weight) for slot, r in rules.items()]  # type: ignore[attr-defined]
