@@ -41,7 +41,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -49,6 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from swag_mnist1d import command  # the sibling script (benchmarks/ is on sys.path when run)
 from torch import Tensor, nn
 
 import weightavg as wa
@@ -195,19 +195,6 @@ def table(kind: str, results: list[dict[str, float]], bits_list: list[int]) -> l
     return lines
 
 
-def command(argv: list[str]) -> str:
-    """The command line that produced the results, without the output options (--json, --plot)."""
-    kept, skip = [], False
-    for x in argv:
-        if skip:
-            skip = False
-        elif x in ("--json", "--plot"):
-            skip = True
-        elif not x.startswith(("--json=", "--plot=")):
-            kept.append(shlex.quote(x))
-    return " ".join(["python", "benchmarks/swalp_mnist1d.py", *kept])
-
-
 def plot(record: dict[str, Any], path: str) -> None:
     """Test error against bit width per model: mean ± std over seeds, float as the leftmost point."""
     import matplotlib
@@ -270,7 +257,8 @@ def main() -> None:
         return
     torch.set_num_threads(a.threads)
     record: dict[str, Any] = {
-        "command": command(sys.argv[1:]), "seeds": list(range(a.seeds)), "threads": a.threads,
+        "command": command("benchmarks/swalp_mnist1d.py", sys.argv[1:]), "seeds": list(range(a.seeds)),
+        "threads": a.threads,
         "machine": f"{os.cpu_count()}-core CPU, {platform.system()} {platform.machine()}, torch {torch.__version__}",
         "swa_lr": a.swa_lr, "models": {}}
     data = load_data("mnist1d")

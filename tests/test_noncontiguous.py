@@ -18,14 +18,7 @@ from torch import nn
 import weightavg as wa
 from weightavg import _deferred, _overlap
 
-RULES = {
-    "mean": lambda: wa.mean(),
-    "ema": lambda: wa.ema(0.9),
-    "half_life": lambda: wa.ema(half_life=3),
-    "karras_ema": lambda: wa.karras_ema(gamma=6.94),
-    "custom": lambda: wa.custom(lambda n: 1.0 / (n + 2), name="slow_mean"),
-    "mean_sq": lambda: wa.mean(power=2),
-}
+from .test_deferred import RULES
 
 
 class Net(nn.Module):

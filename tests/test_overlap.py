@@ -20,17 +20,9 @@ from weightavg import _overlap
 from weightavg._executor import LocalExecutor, make_executor
 from weightavg._storage import _Group
 
-RULES = {
-    "mean": lambda: wa.mean(),
-    "ema": lambda: wa.ema(0.9),
-    "ema_schedule": lambda: wa.ema(lambda s: min(0.99, 1 - 1 / (s + 1))),
-    "half_life": lambda: wa.ema(half_life=3),
-    "ema_warmup": lambda: wa.ema_warmup(inv_gamma=1.0, power=0.75),
-    "karras_ema": lambda: wa.karras_ema(gamma=6.94),
-    "custom": lambda: wa.custom(lambda n: 1.0 / (n + 2), name="slow_mean"),
-    "mean_sq": lambda: wa.mean(power=2),
-    "inplace": lambda: wa.inplace(_halfway, name="halfway"),
-}
+from .test_deferred import RULES as DEFERRED_RULES
+
+RULES = {**DEFERRED_RULES, "inplace": lambda: wa.inplace(_halfway, name="halfway")}
 
 
 def _halfway(avg: list[torch.Tensor], new: list[torch.Tensor], n: int) -> None:

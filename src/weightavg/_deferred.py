@@ -42,7 +42,7 @@ from torch import Tensor
 
 from . import _fused
 from ._binding import _Binding, is_module_binding
-from ._executor import _BIG_CHUNK, _SCRATCH, LocalExecutor, NonFinitePolicy, _probe, _total, source_pieces
+from ._executor import _BIG_CHUNK, _SCRATCH, LocalExecutor, NonFinitePolicy, _probe, _total, shaped_views, source_pieces
 from ._rules import Rule, UpdateInfo, _Custom, _Ema, _EmaWarmup, _Karras, _Mean
 from ._storage import FlatStorage, _Group
 
@@ -100,9 +100,7 @@ def _gather_op(g: _Group, srcs: list[Tensor], flat: bool, lo: int, hi: int, star
     read that stale copy ever after."""
     if flat:
         return (_CAT, srcs[lo:hi], out)
-    views = [out[e.offset - start : e.offset - start + e.numel].view(t.shape)
-             for e, t in zip(g.entries[lo:hi], srcs[lo:hi], strict=True)]
-    return (_COPYIN, srcs[lo:hi], views)
+    return (_COPYIN, srcs[lo:hi], shaped_views(g, srcs[lo:hi], lo, start, out))
 
 
 def _cpu_layout(device: torch.device) -> bool:

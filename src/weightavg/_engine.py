@@ -50,10 +50,10 @@ from torch import Tensor, nn
 from ._binding import Binder, _Binding, is_stale
 from ._errors import ConfigError, MismatchError, NonFiniteError, StateError, bad_arg, describe_mismatch
 from ._exchange import Swap
-from ._executor import CheckMode, LocalExecutor, NonFinitePolicy, make_executor
+from ._executor import CheckMode, NonFinitePolicy, make_executor
 from ._names import Source, canonical_name, named_tensors, source_tensors, state_dict_names, tied_names, unwrap_model
-from ._rules import Rule, UpdateInfo, WeightFn, _Inplace, weight_fns
-from ._sharded import ShardedBinder, ShardedExecutor, ShardedStorage, has_dtensor, refuse_sharded
+from ._rules import Rule, UpdateInfo, WeightFn, weight_fns
+from ._sharded import ShardedBinder, ShardedStorage, has_dtensor, refuse_sharded
 from ._storage import BufferPolicy, FlatStorage, make_contiguous
 
 __all__ = ["Averager", "canonical_name", "make_contiguous", "named_tensors", "unwrap_model"]
@@ -231,10 +231,9 @@ class Averager:
             self._executor = make_executor(self._store, self.rules, nonfinite, check)
         self.check: CheckMode = "deferred" if self._executor.deferred else "host"
         # built-in rules are weighed from three ints, with no UpdateInfo built per update, where
-        # nothing reads one: the host executors read it only for an in-place rule (num_averaged)
+        # nothing reads one (see Executor.reads_info: the host executors, unless a rule is in-place)
         self._weight_fns: list[tuple[str, WeightFn]] | None = (
-            weight_fns(self.rules) if type(self._executor) in (LocalExecutor, ShardedExecutor)
-            and not any(isinstance(r, _Inplace) for r in self.rules.values()) else None)
+            None if self._executor.reads_info else weight_fns(self.rules))
 
         # copied tensors of a module source are read lazily (see sync_copies)
         self._pending_copy: _Binding | None = None
@@ -311,13 +310,9 @@ class Averager:
                     weights[slot] = r.weight(info)
             else:  # built-in rules: no UpdateInfo to build (cold, it costs as much as a torch call)
                 info = _UNREAD_INFO
-                if len(fns) == 1:
-                    slot, fn = fns[0]
-                    weights = {slot: fn(n, step, since)}
-                else:
-                    weights = {}
-                    for slot, fn in fns:
-                        weights[slot] = fn(n, step, since)
+                weights = {}
+                for slot, fn in fns:
+                    weights[slot] = fn(n, step, since)
             if not self._executor.execute(binding, weights, info):
                 self._num_skipped += 1
                 return False

@@ -91,6 +91,9 @@ class Executor:
         self.nonfinite: NonFinitePolicy = nonfinite
 
     deferred = False
+    # whether execute() reads its ``info`` argument; when not, the Averager passes a placeholder
+    # and weighs built-in rules without building an UpdateInfo
+    reads_info = True
 
     def execute(self, binding: _Binding, weights: dict[str, float], info: UpdateInfo) -> bool:
         """Fold ``binding``'s sources into every average with ``weights`` (slot -> weight; 1 copies,
@@ -169,6 +172,8 @@ class LocalExecutor(Executor):
         # sources' dtype and device (see _plan)
         self.plannable = all(not isinstance(r, _Inplace) and getattr(r, "power", 1) == 1
                              for r in self.rules.values())
+        # only an in-place rule reads the info (its num_averaged)
+        self.reads_info = any(isinstance(r, _Inplace) for r in self.rules.values())
 
     def scratch_for(self, device: torch.device, dtype: torch.dtype, tag: str, n: int) -> Tensor:
         """``n`` elements of the scratch for (device, dtype, tag), grown once if too small."""
@@ -321,8 +326,7 @@ class LocalExecutor(Executor):
         if flat:
             torch.cat(part, out=buf)
         else:  # non-contiguous sources among them: copied in through views shaped like them
-            torch._foreach_copy_([buf[e.offset - start : e.offset - start + e.numel].view(t.shape)
-                                  for e, t in zip(g.entries[lo:hi], part)], part)  # noqa: B905 (a source per entry)
+            torch._foreach_copy_(shaped_views(g, part, lo, start, buf), part)
         return buf
 
     def _check(self, binding: _Binding) -> tuple[dict[int, Tensor], Tensor | float]:
@@ -512,6 +516,14 @@ def _pieces(g: _Group, srcs: list[Tensor], span: Tensor | None) -> list[tuple[Te
     for e, t in zip(g.entries[g.n_packed :], srcs[g.n_packed :]):  # noqa: B905 (a source per entry)
         out += source_pieces(t, e.offset, _BIG_CHUNK)
     return out
+
+
+def shaped_views(g: _Group, part: list[Tensor], lo: int, start: int, out: Tensor) -> list[Tensor]:
+    """Views of ``out`` (the place of a packed run stored from ``start``) shaped like the run's
+    sources ``part`` (``g``'s entries from ``lo`` on): ``torch._foreach_copy_`` into them gathers
+    non-contiguous sources without copying each one first (``reshape(-1)`` would)."""
+    return [out[e.offset - start : e.offset - start + e.numel].view(t.shape)
+            for e, t in zip(g.entries[lo : lo + len(part)], part, strict=True)]
 
 
 def source_pieces(t: Tensor, offset: int, piece: int) -> list[tuple[Tensor, int, int]]:
